@@ -1,0 +1,61 @@
+"""Multi-head attention (Flax twin): separate q/k/v/out projections, masked softmax attention."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jax_tx.initializers import linear
+
+
+def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray | None,
+                          drop: nn.Dropout, deterministic: bool) -> jnp.ndarray:
+    """q (B, H, T, K), k/v (B, H, S, K), mask (B|1, 1, T|1, S) -> (B, H, T, K), like torch's SDPA.
+
+    Masked logits take dtype's most negative finite value; a row with no key to attend gives zeros.
+    The softmax runs in at least float32.
+    """
+    logits = jnp.einsum("bhtk,bhsk->bhts", q, k) / math.sqrt(q.shape[-1])  # [B, H, T, S]
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    weights = nn.softmax(logits, axis=-1)  # [B, H, T, S]
+    if mask is not None:
+        weights = jnp.where(mask.any(axis=-1, keepdims=True), weights, 0.0)
+    weights = drop(weights.astype(v.dtype), deterministic=deterministic)
+    return jnp.einsum("bhts,bhsk->bhtk", weights, v)  # [B, H, T, K]
+
+
+class MultiHeadAttention(nn.Module):
+    """query (B, T, D), key_value (B, S, D), mask (B|1, 1, T|1, S) bool True = attend -> (B, T, D).
+
+    A query row whose keys are all masked gives zeros (as torch's SDPA since 2.5).
+    """
+
+    d_model: int
+    num_heads: int
+    dropout: float
+
+    def setup(self):
+        self.head_dim = self.d_model // self.num_heads
+        self.q_proj = linear(self.d_model)
+        self.k_proj = linear(self.d_model)
+        self.v_proj = linear(self.d_model)
+        self.out_proj = linear(self.d_model)
+        self.attn_drop = nn.Dropout(self.dropout)
+
+    def _split_heads(self, x: jnp.ndarray) -> jnp.ndarray:
+        b, length, _ = x.shape
+        return x.reshape(b, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)  # [B, H, L, K]
+
+    def __call__(self, query: jnp.ndarray, key_value: jnp.ndarray, mask: jnp.ndarray | None = None,
+                 deterministic: bool = True) -> jnp.ndarray:
+        q = self._split_heads(self.q_proj(query))  # [B, H, T, K]
+        k = self._split_heads(self.k_proj(key_value))  # [B, H, S, K]
+        v = self._split_heads(self.v_proj(key_value))  # [B, H, S, K]
+        out = dot_product_attention(q, k, v, mask, self.attn_drop, deterministic)  # [B, H, T, K]
+        b, _, t, _ = out.shape
+        out = out.transpose(0, 2, 1, 3).reshape(b, t, self.num_heads * self.head_dim)  # [B, T, D]
+        return self.out_proj(out)  # [B, T, D]

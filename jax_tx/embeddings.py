@@ -1,0 +1,72 @@
+"""Token embeddings (scaled by sqrt(d_model)) and the sinusoidal positional encoding (Flax twin)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from jax_tx.initializers import embedding_std
+from parity.numerics import sinusoidal_table
+
+
+class TokenEmbedding(nn.Module):
+    """ids (B, L) int -> (B, L, D) = embedding[ids] * sqrt(D).
+
+    Out-of-range ids raise ValueError when the ids are concrete (plain `apply`). Under `jax.jit`
+    they cannot raise; JAX would clamp the gather silently, so they give NaN rows instead.
+    """
+
+    vocab_size: int
+    d_model: int
+
+    def setup(self):
+        self.embedding = self.param("embedding", nn.initializers.normal(stddev=embedding_std(self.d_model)),
+                                    (self.vocab_size, self.d_model))
+
+    def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise TypeError(f"token ids must be an integer array, got {ids.dtype}")
+        if not isinstance(ids, jax.core.Tracer) and ids.size:
+            lo, hi = int(np.min(ids)), int(np.max(ids))
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(f"token ids must be in [0, {self.vocab_size}), got values in [{lo}, {hi}]")
+        x = jnp.take(self.embedding, ids, axis=0, mode="fill", fill_value=jnp.nan)  # [B, L, D]
+        return x * math.sqrt(self.d_model)
+
+    def attend(self, x: jnp.ndarray) -> jnp.ndarray:
+        """x (B, L, D) -> x @ embedding.T (B, L, V), for an output layer tied to this embedding."""
+        return x @ self.embedding.T.astype(x.dtype)  # [B, L, V]
+
+
+class PositionalEncoding(nn.Module):
+    """x (B, L, D) -> dropout(x + PE[:L]). L > max_len raises ValueError.
+
+    The table is the float64 one of parity.numerics, cast to x's dtype (the torch twin does the same).
+    """
+
+    d_model: int
+    max_len: int
+    dropout: float
+
+    def setup(self):
+        self.drop = nn.Dropout(self.dropout)
+
+    def __call__(self, x: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
+        length = x.shape[1]
+        if length > self.max_len:
+            raise ValueError(f"sequence length {length} exceeds max_len {self.max_len}")
+        table = jnp.asarray(_table(self.max_len, self.d_model)[:length], dtype=x.dtype)  # [L, D]
+        return self.drop(x + table, deterministic=deterministic)  # [B, L, D]
+
+
+_TABLES: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _table(max_len: int, d_model: int) -> np.ndarray:
+    if (max_len, d_model) not in _TABLES:
+        _TABLES[(max_len, d_model)] = sinusoidal_table(max_len, d_model)
+    return _TABLES[(max_len, d_model)]  # [max_len, D]

@@ -1,0 +1,75 @@
+"""The canonical weight names: the torch twin's state_dict keys and shapes, computed from a config.
+
+These names are the interchange format (safetensors checkpoints, conversion between the twins).
+"""
+
+from __future__ import annotations
+
+from parity.config import TransformerConfig
+
+Shape = tuple[int, ...]
+
+
+def _linear(prefix: str, n_in: int, n_out: int, bias: bool = True) -> dict[str, Shape]:
+    shapes = {f"{prefix}.weight": (n_out, n_in)}
+    if bias:
+        shapes[f"{prefix}.bias"] = (n_out,)
+    return shapes
+
+
+def _norm(prefix: str, d: int) -> dict[str, Shape]:
+    return {f"{prefix}.weight": (d,), f"{prefix}.bias": (d,)}
+
+
+def _attention(prefix: str, d: int) -> dict[str, Shape]:
+    shapes: dict[str, Shape] = {}
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        shapes.update(_linear(f"{prefix}.{proj}", d, d))
+    return shapes
+
+
+def _feed_forward(prefix: str, d: int, f: int) -> dict[str, Shape]:
+    return {**_linear(f"{prefix}.linear1", d, f), **_linear(f"{prefix}.linear2", f, d)}
+
+
+def canonical_shapes(cfg: TransformerConfig) -> dict[str, Shape]:
+    """Every state_dict key of `torch_tx.Transformer(cfg)` with its shape, in registration order.
+
+    Tied and shared weights appear under each of their names (as in `state_dict()`).
+    """
+    d, f = cfg.d_model, cfg.d_ff
+    shapes: dict[str, Shape] = {
+        "src_embed.weight": (cfg.src_vocab_size, d),
+        "tgt_embed.weight": (cfg.tgt_vocab_size, d),
+    }
+    for i in range(cfg.num_encoder_layers):
+        p = f"encoder.layers.{i}"
+        shapes.update(_attention(f"{p}.self_attn", d))
+        shapes.update(_norm(f"{p}.self_attn_norm", d))
+        shapes.update(_feed_forward(f"{p}.ff", d, f))
+        shapes.update(_norm(f"{p}.ff_norm", d))
+    if cfg.final_norm:
+        shapes.update(_norm("encoder.norm", d))
+    for i in range(cfg.num_decoder_layers):
+        p = f"decoder.layers.{i}"
+        shapes.update(_attention(f"{p}.self_attn", d))
+        shapes.update(_norm(f"{p}.self_attn_norm", d))
+        shapes.update(_attention(f"{p}.cross_attn", d))
+        shapes.update(_norm(f"{p}.cross_attn_norm", d))
+        shapes.update(_feed_forward(f"{p}.ff", d, f))
+        shapes.update(_norm(f"{p}.ff_norm", d))
+    if cfg.final_norm:
+        shapes.update(_norm("decoder.norm", d))
+    shapes.update(_linear("generator", d, cfg.tgt_vocab_size, bias=cfg.output_bias))
+    return shapes
+
+
+def aliases(cfg: TransformerConfig) -> dict[str, str]:
+    """Canonical keys that are another key's weight (tied or shared): {alias: owner}."""
+    out = {}
+    tgt_owner = "src_embed.weight" if cfg.share_embeddings else "tgt_embed.weight"
+    if cfg.share_embeddings:
+        out["tgt_embed.weight"] = tgt_owner
+    if cfg.tie_output:
+        out["generator.weight"] = tgt_owner
+    return out

@@ -1,0 +1,57 @@
+"""Token embeddings (scaled by sqrt(d_model)) and the sinusoidal positional encoding (torch twin)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from parity.numerics import sinusoidal_table
+from torch_tx.initializers import embedding_std
+
+
+class TokenEmbedding(nn.Module):
+    """ids (B, L) int -> (B, L, D) = weight[ids] * sqrt(D). Out-of-range ids raise ValueError."""
+
+    def __init__(self, vocab_size: int, d_model: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.d_model = d_model
+        self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
+        nn.init.normal_(self.weight, std=embedding_std(d_model))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"token ids must be an integer tensor, got {ids.dtype}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.vocab_size}), "
+                             f"got values in [{int(ids.min())}, {int(ids.max())}]")
+        return self.weight[ids] * math.sqrt(self.d_model)  # [B, L, D]
+
+
+class PositionalEncoding(nn.Module):
+    """x (B, L, D) -> dropout(x + PE[:L]). L > max_len raises ValueError.
+
+    The table is the float64 one of parity.numerics, cast per (device, dtype) and cached, so that
+    float64 runs use it at full precision whatever dtype the module was cast through before.
+    """
+
+    def __init__(self, d_model: int, max_len: int, dropout: float):
+        super().__init__()
+        self.max_len = max_len
+        self._table64 = sinusoidal_table(max_len, d_model)  # [max_len, D]
+        self._cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self.drop = nn.Dropout(dropout)
+
+    def table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (device, dtype)
+        if key not in self._cache:
+            self._cache[key] = torch.from_numpy(self._table64).to(device=device, dtype=dtype)
+        return self._cache[key]  # [max_len, D]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        length = x.shape[1]
+        if length > self.max_len:
+            raise ValueError(f"sequence length {length} exceeds max_len {self.max_len}")
+        return self.drop(x + self.table(x.device, x.dtype)[:length])  # [B, L, D]
