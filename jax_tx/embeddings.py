@@ -25,7 +25,7 @@ class TokenEmbedding(nn.Module):
 
     def setup(self):
         self.embedding = self.param("embedding", nn.initializers.normal(stddev=embedding_std(self.d_model)),
-                                    (self.vocab_size, self.d_model))
+                                    (self.vocab_size, self.d_model), jnp.float32)
 
     def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:
         if not jnp.issubdtype(ids.dtype, jnp.integer):

@@ -57,10 +57,11 @@ class Generator(nn.Module):
         if self.tied:
             logits = embed.attend(x)  # [B, T, V]
         else:
-            kernel = self.param("kernel", nn.initializers.xavier_uniform(), (x.shape[-1], self.vocab_size))
+            kernel = self.param("kernel", nn.initializers.xavier_uniform(), (x.shape[-1], self.vocab_size),
+                                jnp.float32)
             logits = x @ kernel.astype(x.dtype)  # [B, T, V]
         if self.use_bias:
-            logits = logits + self.param("bias", nn.initializers.zeros, (self.vocab_size,)).astype(x.dtype)
+            logits = logits + self.param("bias", nn.initializers.zeros, (self.vocab_size,), jnp.float32).astype(x.dtype)
         return logits
 
 

@@ -1,0 +1,295 @@
+"""Weight conversion between the twins, and in from / out to torch.nn.Transformer.
+
+The canonical names are the torch twin's state_dict keys (`parity.names.canonical_shapes`). The
+Flax param tree uses the same module names, nested, list items as `layers_0`. One strict rule table
+maps every leaf; every conversion checks that the key sets are equal and every shape matches, and
+names the offending key when they do not. Frameworks are imported only inside the functions here.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import numpy as np
+
+from parity.config import TransformerConfig
+from parity.names import aliases, canonical_shapes
+
+
+class ConversionError(ValueError):
+    """A weight set does not match the config: a missing, unexpected or mis-shaped key."""
+
+
+# (module-name pattern, canonical leaf, Flax leaf, transpose): first match wins.
+RULES: tuple[tuple[str, str, str, bool], ...] = (
+    (r".*_embed", "weight", "embedding", False),
+    (r".*norm", "weight", "scale", False),
+    (r".*norm", "bias", "bias", False),
+    (r".*", "weight", "kernel", True),
+    (r".*", "bias", "bias", False),
+)
+
+
+def _rule_for_canonical(key: str) -> tuple[tuple[str, ...], bool]:
+    module, _, leaf = key.rpartition(".")
+    for pattern, torch_leaf, flax_leaf, transpose in RULES:
+        if leaf == torch_leaf and re.fullmatch(pattern, module):
+            path = tuple(re.sub(r"\.(\d+)(?=\.|$)", r"_\1", module).split(".")) + (flax_leaf,)
+            return path, transpose
+    raise ConversionError(f"no conversion rule for key {key!r}")
+
+
+def flax_key_map(cfg: TransformerConfig) -> dict[tuple[str, ...], tuple[str, bool]]:
+    """{Flax param path: (canonical key, transposed)} for every param of `jax_tx.Transformer(cfg)`."""
+    tied = aliases(cfg)
+    out = {}
+    for key in canonical_shapes(cfg):
+        if key not in tied:
+            path, transpose = _rule_for_canonical(key)
+            out[path] = (key, transpose)
+    return out
+
+
+def _check_keys(got: set[str], expected: set[str], what: str) -> None:
+    missing, unexpected = sorted(expected - got), sorted(got - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing key(s) {', '.join(repr(k) for k in missing[:8])}")
+        if unexpected:
+            parts.append(f"unexpected key(s) {', '.join(repr(k) for k in unexpected[:8])}")
+        raise ConversionError(f"{what} does not match the config: " + "; ".join(parts))
+
+
+def _check_shape(key: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    if tuple(shape) != tuple(expected):
+        raise ConversionError(f"shape mismatch for {key!r}: expected {tuple(expected)}, got {tuple(shape)}")
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A torch tensor, jax array or numpy array -> numpy array of the same dtype (bfloat16 kept)."""
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return x.numpy()
+    return np.asarray(x)
+
+
+def to_torch(a: np.ndarray):
+    """numpy array (bfloat16 via ml_dtypes allowed) -> torch tensor of the same dtype."""
+    import torch
+
+    a = np.ascontiguousarray(a)
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out = {}
+    for name, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, prefix + (name,)))
+        else:
+            out[prefix + (name,)] = value
+    return out
+
+
+def check_canonical(weights: Mapping[str, Any], cfg: TransformerConfig) -> None:
+    """Raise ConversionError unless `weights` has exactly the canonical keys and shapes of `cfg`."""
+    expected = canonical_shapes(cfg)
+    _check_keys(set(weights), set(expected), "state dict")
+    for key, shape in expected.items():
+        _check_shape(key, tuple(weights[key].shape), shape)
+
+
+def canonical_to_flax(weights: Mapping[str, Any], cfg: TransformerConfig) -> dict[str, Any]:
+    """Canonical {name: array} -> nested Flax params of numpy arrays. Tied copies must be equal."""
+    check_canonical(weights, cfg)
+    arrays = {k: to_numpy(v) for k, v in weights.items()}
+    for alias, owner in aliases(cfg).items():
+        if not np.array_equal(arrays[alias], arrays[owner]):
+            raise ConversionError(f"{alias!r} differs from {owner!r}, but the config ties them "
+                                  "(tie_output / share_embeddings)")
+    params: dict[str, Any] = {}
+    for path, (key, transpose) in flax_key_map(cfg).items():
+        node = params
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = arrays[key].T if transpose else arrays[key]
+    return params
+
+
+def flax_to_canonical(params: Mapping[str, Any], cfg: TransformerConfig) -> dict[str, np.ndarray]:
+    """Nested Flax params (or gradients) -> canonical {name: numpy array}, tied names included."""
+    if set(params) == {"params"}:
+        params = params["params"]
+    flat = _flatten(params)
+    key_map = flax_key_map(cfg)
+    _check_keys({"/".join(p) for p in flat}, {"/".join(p) for p in key_map}, "Flax params")
+    shapes = canonical_shapes(cfg)
+    out: dict[str, np.ndarray] = {}
+    for path, (key, transpose) in key_map.items():
+        value = to_numpy(flat[path])
+        _check_shape("/".join(path), value.shape, shapes[key][::-1] if transpose else shapes[key])
+        out[key] = np.ascontiguousarray(value.T if transpose else value)
+    for alias, owner in aliases(cfg).items():
+        out[alias] = out[owner]
+    return {key: out[key] for key in shapes}
+
+
+def torch_to_flax(state_dict: Mapping[str, Any], cfg: TransformerConfig) -> dict[str, Any]:
+    """`torch_tx.Transformer.state_dict()` -> Flax params tree (jax arrays, same dtypes)."""
+    import jax
+    import jax.numpy as jnp
+
+    params = canonical_to_flax(state_dict, cfg)
+    if not jax.config.jax_enable_x64 and any(v.dtype == np.float64 for v in _flatten(params).values()):
+        raise ConversionError("float64 weights need JAX's 64-bit mode: jax.config.update('jax_enable_x64', True)")
+    return jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def flax_to_torch(params: Mapping[str, Any], cfg: TransformerConfig) -> dict[str, Any]:
+    """Flax params tree -> {canonical name: torch.Tensor}, loadable by `torch_tx.Transformer(cfg)`."""
+    canonical = flax_to_canonical(params, cfg)
+    tensors: dict[str, Any] = {}
+    owners = aliases(cfg)
+    for key, value in canonical.items():
+        tensors[key] = tensors[owners[key]] if key in owners else to_torch(value)
+    return tensors
+
+
+# torch.nn.Transformer layer submodules -> canonical submodules.
+_NN_RENAMES = {
+    "encoder": {"self_attn": "self_attn", "linear1": "ff.linear1", "linear2": "ff.linear2",
+                "norm1": "self_attn_norm", "norm2": "ff_norm"},
+    "decoder": {"self_attn": "self_attn", "multihead_attn": "cross_attn", "linear1": "ff.linear1",
+                "linear2": "ff.linear2", "norm1": "self_attn_norm", "norm2": "cross_attn_norm",
+                "norm3": "ff_norm"},
+}
+_PACKED = {"in_proj_weight": "weight", "in_proj_bias": "bias"}
+
+
+def _nn_activation(layer) -> str:
+    import torch.nn.functional as F
+    from torch import nn
+
+    kind = getattr(layer, "activation_relu_or_gelu", 0)
+    act = layer.activation
+    if kind == 1 or act is F.relu or isinstance(act, nn.ReLU):
+        return "relu"
+    if kind == 2 or act is F.gelu or (isinstance(act, nn.GELU) and act.approximate == "none"):
+        return "gelu"
+    raise ConversionError(f"unsupported activation {act!r}: only relu and exact gelu")
+
+
+def _nn_layer_settings(layer) -> dict[str, Any]:
+    attn = layer.self_attn
+    if not attn._qkv_same_embed_dim or attn.in_proj_bias is None or layer.linear1.bias is None \
+            or layer.norm1.bias is None:
+        raise ConversionError("only nn.Transformer layers with bias=True and equal q/k/v dims are supported")
+    return dict(d_model=attn.embed_dim, num_heads=attn.num_heads, d_ff=layer.linear1.out_features,
+                dropout=float(layer.dropout.p), activation=_nn_activation(layer),
+                norm_first=bool(layer.norm_first), layer_norm_eps=float(layer.norm1.eps))
+
+
+def from_nn_transformer(module, *, src_vocab_size: int, tgt_vocab_size: int,
+                        **overrides: Any) -> tuple[TransformerConfig, dict[str, Any]]:
+    """torch.nn.Transformer -> (config, state dict of its stacks in canonical names).
+
+    The state dict lacks only `src_embed`, `tgt_embed` and `generator` (nn.Transformer has none):
+    load it with `torch_tx.Transformer(cfg).load_state_dict(sd, strict=False)`. `overrides` sets
+    config fields nn.Transformer does not carry (max_len, pad_id, tie_output, ...).
+    """
+    layers = list(module.encoder.layers) + list(module.decoder.layers)
+    if not layers or not module.encoder.layers or not module.decoder.layers:
+        raise ConversionError("nn.Transformer needs at least one encoder and one decoder layer")
+    settings = [_nn_layer_settings(layer) for layer in layers]
+    for s, layer in zip(settings, layers):
+        if s != settings[0]:
+            raise ConversionError(f"all layers must share one configuration; {s} != {settings[0]}")
+        for norm in ("norm1", "norm2", "norm3"):
+            if hasattr(layer, norm) and getattr(layer, norm).eps != settings[0]["layer_norm_eps"]:
+                raise ConversionError("all LayerNorms must share one eps")
+    enc_norm, dec_norm = module.encoder.norm is not None, module.decoder.norm is not None
+    if enc_norm != dec_norm:
+        raise ConversionError("the encoder and decoder must both have a final norm or both lack one")
+    cfg = TransformerConfig(src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size,
+                            num_encoder_layers=len(module.encoder.layers),
+                            num_decoder_layers=len(module.decoder.layers), final_norm=enc_norm,
+                            **{**settings[0], **overrides})
+    out: dict[str, Any] = {}
+    for key, value in module.state_dict().items():
+        stack, rest = key.split(".", 1)
+        if rest.startswith("layers."):
+            _, idx, sub, leaf = rest.split(".", 3)
+            if sub not in _NN_RENAMES.get(stack, {}):
+                raise ConversionError(f"unexpected nn.Transformer key {key!r}")
+            prefix = f"{stack}.layers.{idx}.{_NN_RENAMES[stack][sub]}"
+            if leaf in _PACKED:
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), value.detach().chunk(3, dim=0)):
+                    out[f"{prefix}.{name}.{_PACKED[leaf]}"] = part.clone()
+                continue
+            out[f"{prefix}.{leaf}"] = value.detach().clone()
+        else:
+            out[key] = value.detach().clone()
+    expected = {k: s for k, s in canonical_shapes(cfg).items()
+                if not k.startswith(("src_embed.", "tgt_embed.", "generator."))}
+    _check_keys(set(out), set(expected), "nn.Transformer state dict")
+    for key, shape in expected.items():
+        _check_shape(key, tuple(out[key].shape), shape)
+    return cfg, {k: out[k] for k in expected}
+
+
+def to_nn_transformer(state_dict: Mapping[str, Any], cfg: TransformerConfig):
+    """Canonical state dict (full, or the stacks only) -> torch.nn.Transformer(batch_first=True).
+
+    Embeddings and the output layer have no place in nn.Transformer and are left out.
+    """
+    import torch
+    from torch import nn
+
+    stacks = {k: s for k, s in canonical_shapes(cfg).items()
+              if not k.startswith(("src_embed.", "tgt_embed.", "generator."))}
+    given = {k: v for k, v in state_dict.items() if not k.startswith(("src_embed.", "tgt_embed.", "generator."))}
+    _check_keys(set(given), set(stacks), "state dict")
+    for key, shape in stacks.items():
+        _check_shape(key, tuple(given[key].shape), shape)
+    layer_kw = dict(d_model=cfg.d_model, nhead=cfg.num_heads, dim_feedforward=cfg.d_ff, dropout=cfg.dropout,
+                    activation=cfg.activation, layer_norm_eps=cfg.layer_norm_eps, batch_first=True,
+                    norm_first=cfg.norm_first)
+
+    def final_norm():
+        return nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.final_norm else None
+
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(**layer_kw), cfg.num_encoder_layers,
+                                    norm=final_norm(), enable_nested_tensor=False)
+    decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**layer_kw), cfg.num_decoder_layers,
+                                    norm=final_norm())
+    module = nn.Transformer(d_model=cfg.d_model, nhead=cfg.num_heads, custom_encoder=encoder,
+                            custom_decoder=decoder, dim_feedforward=cfg.d_ff, dropout=cfg.dropout,
+                            batch_first=True)
+    tensors = {k: v if isinstance(v, torch.Tensor) else to_torch(to_numpy(v)) for k, v in given.items()}
+    nn_sd: dict[str, Any] = {}
+    for key in module.state_dict():
+        stack, rest = key.split(".", 1)
+        if rest.startswith("layers."):
+            _, idx, sub, leaf = rest.split(".", 3)
+            prefix = f"{stack}.layers.{idx}.{_NN_RENAMES[stack][sub]}"
+            if leaf in _PACKED:
+                nn_sd[key] = torch.cat([tensors[f"{prefix}.{p}.{_PACKED[leaf]}"]
+                                        for p in ("q_proj", "k_proj", "v_proj")])
+            else:
+                nn_sd[key] = tensors[f"{prefix}.{leaf}"]
+        else:
+            nn_sd[key] = tensors[key]
+    dtype = next(iter(tensors.values())).dtype
+    module.to(dtype)
+    module.load_state_dict(nn_sd, strict=True)
+    return module

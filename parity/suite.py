@@ -1,0 +1,196 @@
+"""The cross-framework parity checks, shared by the test suite and `twin parity`.
+
+One comparison takes canonical weights that came out of one twin (through the converter), loads
+them into both twins, runs the same inputs, and compares encoder memory, logits and the gradient of
+`sum(logits * W)` w.r.t. every parameter (Flax gradients mapped back through the converter).
+Errors are relative to the norm of the source twin's result. Dropout is off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from parity.config import TransformerConfig
+from parity.convert import canonical_to_flax, check_canonical, flax_to_canonical, to_numpy
+
+TOLERANCES = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 2e-2}
+TWINS = ("torch", "jax")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One row of the parity table."""
+
+    what: str
+    dtype: str
+    max_abs: float
+    rel: float
+    tol: float
+
+    @property
+    def passed(self) -> bool:
+        return bool(np.isfinite(self.rel) and self.rel <= self.tol)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """One batch: src (B, S), tgt (B, T) int64, masks (B, S) / (B, T) bool, loss weights (B, T, V)."""
+
+    src: np.ndarray
+    tgt: np.ndarray
+    src_mask: np.ndarray
+    tgt_mask: np.ndarray
+    loss_weights: np.ndarray
+
+
+def errors(got: np.ndarray, ref: np.ndarray, denom: float | None = None) -> tuple[float, float]:
+    """(max |got - ref|, ||got - ref|| / ||ref||) in float64; `denom` replaces ||ref||."""
+    got, ref = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    diff = got - ref
+    max_abs = float(np.max(np.abs(diff))) if diff.size else 0.0
+    norm = float(np.linalg.norm(ref)) if denom is None else denom
+    num = float(np.linalg.norm(diff))
+    return max_abs, (0.0 if num == 0.0 else num / norm if norm > 0 else float("inf"))
+
+
+def random_inputs(cfg: TransformerConfig, batch: int, src_len: int, tgt_len: int,
+                  rng: np.random.Generator, empty_source_row: bool = False) -> Inputs:
+    """Random ids and right-padded masks (at least one real token per row unless `empty_source_row`)."""
+    def ids_and_mask(vocab: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        lengths = rng.integers(1, length + 1, size=batch)  # [B]
+        mask = np.arange(length)[None, :] < lengths[:, None]  # [B, L]
+        ids = rng.integers(0, vocab, size=(batch, length))  # [B, L]
+        ids = np.where(ids == cfg.pad_id, (cfg.pad_id + 1) % vocab, ids)
+        return np.where(mask, ids, cfg.pad_id).astype(np.int64), mask
+
+    src, src_mask = ids_and_mask(cfg.src_vocab_size, src_len)
+    tgt, tgt_mask = ids_and_mask(cfg.tgt_vocab_size, tgt_len)
+    if empty_source_row:
+        src[0], src_mask[0] = cfg.pad_id, False
+    weights = rng.standard_normal((batch, tgt_len, cfg.tgt_vocab_size))  # [B, T, V]
+    return Inputs(src, tgt, src_mask, tgt_mask, weights)
+
+
+def init_canonical(cfg: TransformerConfig, twin: str, seed: int) -> dict[str, np.ndarray]:
+    """Fresh weights from one twin's own initializer, as canonical numpy arrays (via the converter)."""
+    if twin == "torch":
+        import torch
+
+        import torch_tx
+
+        torch.manual_seed(seed)
+        return {k: to_numpy(v) for k, v in torch_tx.Transformer(cfg).state_dict().items()}
+    import jax
+    import jax.numpy as jnp
+
+    import jax_tx
+
+    dummy = jnp.ones((1, 1), dtype=jnp.int32)
+    variables = jax_tx.Transformer(cfg).init(jax.random.key(seed), dummy, dummy)
+    return flax_to_canonical(variables["params"], cfg)
+
+
+@contextlib.contextmanager
+def _jax_device(device: str) -> Iterator[Any]:
+    import jax
+
+    dev = jax.devices("gpu")[0] if device == "cuda" else jax.devices("cpu")[0]
+    with jax.default_device(dev), jax.default_matmul_precision("highest"):
+        yield dev
+
+
+def run_torch(cfg: TransformerConfig, weights: Mapping[str, np.ndarray], inputs: Inputs, dtype: str,
+              device: str = "cpu") -> dict[str, Any]:
+    """Torch twin on canonical weights: memory, logits, {canonical name: grad}, all numpy."""
+    import torch
+
+    import torch_tx
+    from parity.convert import to_torch
+
+    tdtype = getattr(torch, dtype)
+    model = torch_tx.Transformer(cfg).to(device=device, dtype=tdtype).eval()
+    model.load_state_dict({k: to_torch(v) for k, v in weights.items()}, strict=True)
+    src, tgt = (torch.from_numpy(a).to(device) for a in (inputs.src, inputs.tgt))
+    src_mask, tgt_mask = (torch.from_numpy(a).to(device) for a in (inputs.src_mask, inputs.tgt_mask))
+    memory = model.encode(src, src_mask)  # [B, S, D]
+    logits = model(src, tgt, src_mask, tgt_mask)  # [B, T, V]
+    loss = (logits * torch.from_numpy(inputs.loss_weights).to(device=device, dtype=tdtype)).sum()
+    loss.backward()
+    grads = {name: to_numpy(p.grad) for name, p in model.named_parameters(remove_duplicate=False)}
+    return {"memory": to_numpy(memory), "logits": to_numpy(logits), "grads": grads}
+
+
+def run_jax(cfg: TransformerConfig, weights: Mapping[str, np.ndarray], inputs: Inputs, dtype: str,
+            device: str = "cpu") -> dict[str, Any]:
+    """Flax twin on canonical weights (through the converter): memory, logits, canonical grads."""
+    import jax
+    import jax.numpy as jnp
+
+    import jax_tx
+
+    jdtype = jnp.dtype(dtype)
+    model = jax_tx.Transformer(cfg)
+    with _jax_device(device) as dev:
+        params = jax.tree_util.tree_map(lambda a: jax.device_put(jnp.asarray(a, dtype=jdtype), dev),
+                                        canonical_to_flax(weights, cfg))
+        src, tgt = jnp.asarray(inputs.src), jnp.asarray(inputs.tgt)
+        src_mask, tgt_mask = jnp.asarray(inputs.src_mask), jnp.asarray(inputs.tgt_mask)
+        w = jnp.asarray(inputs.loss_weights, dtype=jdtype)
+
+        def loss_fn(p):
+            logits = model.apply({"params": p}, src, tgt, src_mask, tgt_mask)  # [B, T, V]
+            return (logits * w).sum(), logits
+
+        (_, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        memory = model.apply({"params": params}, src, src_mask, method=model.encode)  # [B, S, D]
+    return {"memory": np.asarray(memory), "logits": np.asarray(logits),
+            "grads": flax_to_canonical(grads, cfg)}
+
+
+RUNNERS = {"torch": run_torch, "jax": run_jax}
+
+
+def _grad_denominators(grads: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """||ref|| per tensor, except k_proj biases, whose exact gradient is zero (softmax ignores a shift
+    of every logit in a row): those are measured against the norm of the whole gradient."""
+    total = float(np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in grads.values())))
+    return {k: total if k.endswith("k_proj.bias") else float(np.linalg.norm(np.asarray(g, np.float64)))
+            for k, g in grads.items()}
+
+
+def compare_twins(cfg: TransformerConfig, weights: Mapping[str, np.ndarray], inputs: Inputs, dtype: str,
+                  source: str, device: str = "cpu") -> list[Check]:
+    """Run both twins on the same canonical weights; rows for memory, logits and gradients.
+
+    `source` names the twin the weights came from; its results are the reference.
+    """
+    check_canonical(weights, cfg)
+    other = "jax" if source == "torch" else "torch"
+    weights = {k: np.asarray(v).astype(dtype) for k, v in weights.items()}
+    ref = RUNNERS[source](cfg, weights, inputs, dtype, device)
+    got = RUNNERS[other](cfg, weights, inputs, dtype, device)
+    tol = TOLERANCES[dtype]
+    tag = f"{source}->{other}"
+    rows = [Check(f"{tag} {name}", dtype, *errors(got[name], ref[name]), tol) for name in ("memory", "logits")]
+    denoms = _grad_denominators(ref["grads"])
+    per_param = {k: errors(got["grads"][k], ref["grads"][k], denoms[k]) for k in ref["grads"]}
+    worst = max(per_param, key=lambda k: per_param[k][1])
+    max_abs = max(v[0] for v in per_param.values())
+    rows.append(Check(f"{tag} grads ({len(per_param)} params, worst {worst})", dtype, max_abs,
+                      per_param[worst][1], tol))
+    return rows
+
+
+def round_trip_checks(cfg: TransformerConfig, weights: Mapping[str, np.ndarray]) -> list[Check]:
+    """canonical -> Flax -> canonical must be lossless (bit-exact)."""
+    back = flax_to_canonical(canonical_to_flax(weights, cfg), cfg)
+    diffs = [errors(back[k], weights[k]) for k in weights]
+    max_abs = max(d[0] for d in diffs)
+    exact = all(np.array_equal(back[k], weights[k]) and back[k].dtype == np.asarray(weights[k]).dtype
+                for k in weights)
+    return [Check("round trip canonical->flax->canonical", str(next(iter(weights.values())).dtype),
+                  max_abs, 0.0 if exact else float("inf"), 0.0)]
