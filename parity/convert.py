@@ -82,10 +82,10 @@ def to_numpy(x: Any) -> np.ndarray:
 
 
 def to_torch(a: np.ndarray):
-    """numpy array (bfloat16 via ml_dtypes allowed) -> torch tensor of the same dtype."""
+    """numpy array (bfloat16 via ml_dtypes allowed) -> torch tensor of the same dtype (a copy)."""
     import torch
 
-    a = np.ascontiguousarray(a)
+    a = np.array(a, order="C", copy=True)
     if a.dtype.name == "bfloat16":
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)

@@ -1,0 +1,85 @@
+"""Checkpoint directories: `config.json` + `model.safetensors` in canonical names. Never pickle.
+
+Writes are atomic (temporary file in the same directory, fsync, rename), so a crash leaves either
+the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from parity.config import TransformerConfig
+from parity.convert import ConversionError, check_canonical, to_numpy
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be read: missing, truncated, malformed or mismatched files."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file, fsync and rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(run_dir: str | os.PathLike, cfg: TransformerConfig, weights: Mapping[str, Any]) -> Path:
+    """Save canonical weights (torch tensors or arrays) and the config into `run_dir`."""
+    from safetensors.numpy import save
+
+    check_canonical(weights, cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    arrays = {k: np.ascontiguousarray(to_numpy(v)) for k, v in weights.items()}
+    atomic_write_bytes(run_dir / WEIGHTS_FILE, save(arrays, metadata={"format": "twin-transformer"}))
+    atomic_write_bytes(run_dir / CONFIG_FILE, cfg.to_json().encode())
+    return run_dir
+
+
+def load_config(run_dir: str | os.PathLike) -> TransformerConfig:
+    path = Path(run_dir) / CONFIG_FILE
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read config ({e.strerror or e})") from None
+    try:
+        return TransformerConfig.from_dict(json.loads(text))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def load_checkpoint(run_dir: str | os.PathLike) -> tuple[TransformerConfig, dict[str, np.ndarray]]:
+    """(config, canonical {name: numpy array}) from `run_dir`; every key and shape checked."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    cfg = load_config(run_dir)
+    path = Path(run_dir) / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        weights = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        check_canonical(weights, cfg)
+    except ConversionError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return cfg, weights

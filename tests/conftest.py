@@ -1,0 +1,41 @@
+"""Test set-up: Hypothesis profiles, JAX 64-bit mode, and the devices to run on.
+
+JAX runs on the CPU unless torch sees a GPU (then the GPU-parametrized tests use both frameworks' GPU).
+Profiles: `ci` (derandomized, no deadline; the default) and `dev` (more examples): HYPOTHESIS_PROFILE=dev.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+settings.register_profile("ci", derandomize=True, deadline=None, max_examples=100, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("dev", deadline=None, max_examples=400,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def _gpu_skip_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "no GPU visible to torch (torch.cuda.is_available() is False)"
+    try:
+        jax.devices("gpu")
+    except RuntimeError:
+        return "torch sees a GPU but jax does not (install jax[cuda12]; JAX_PLATFORMS must allow gpu)"
+    return None
+
+
+GPU_SKIP = _gpu_skip_reason()
+DEVICES = [pytest.param("cpu", id="cpu"),
+           pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(GPU_SKIP is not None, reason=str(GPU_SKIP)))]
