@@ -4,28 +4,31 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from jax_tx.initializers import linear
 
 
-def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray | None,
-                          drop: nn.Dropout, deterministic: bool) -> jnp.ndarray:
+def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray | None = None,
+                          dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None) -> jnp.ndarray:
     """q (B, H, T, K), k/v (B, H, S, K), mask (B|1, 1, T|1, S) -> (B, H, T, K), like torch's SDPA.
 
     Masked logits take dtype's most negative finite value; a row with no key to attend gives zeros.
-    The softmax runs in at least float32.
+    The softmax runs in at least float32. Dropout on the weights when `dropout_rng` is given.
     """
     logits = jnp.einsum("bhtk,bhsk->bhts", q, k) / math.sqrt(q.shape[-1])  # [B, H, T, S]
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    weights = nn.softmax(logits, axis=-1)  # [B, H, T, S]
+    weights = jax.nn.softmax(logits, axis=-1)  # [B, H, T, S]
     if mask is not None:
         weights = jnp.where(mask.any(axis=-1, keepdims=True), weights, 0.0)
-    weights = drop(weights.astype(v.dtype), deterministic=deterministic)
-    return jnp.einsum("bhts,bhsk->bhtk", weights, v)  # [B, H, T, K]
+    if dropout_rng is not None and dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)  # [B, H, T, S]
+        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    return jnp.einsum("bhts,bhsk->bhtk", weights.astype(v.dtype), v)  # [B, H, T, K]
 
 
 class MultiHeadAttention(nn.Module):
@@ -44,7 +47,6 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = linear(self.d_model)
         self.v_proj = linear(self.d_model)
         self.out_proj = linear(self.d_model)
-        self.attn_drop = nn.Dropout(self.dropout)
 
     def _split_heads(self, x: jnp.ndarray) -> jnp.ndarray:
         b, length, _ = x.shape
@@ -55,7 +57,8 @@ class MultiHeadAttention(nn.Module):
         q = self._split_heads(self.q_proj(query))  # [B, H, T, K]
         k = self._split_heads(self.k_proj(key_value))  # [B, H, S, K]
         v = self._split_heads(self.v_proj(key_value))  # [B, H, S, K]
-        out = dot_product_attention(q, k, v, mask, self.attn_drop, deterministic)  # [B, H, T, K]
+        rng = None if deterministic or self.dropout == 0.0 else self.make_rng("dropout")
+        out = dot_product_attention(q, k, v, mask, self.dropout, rng)  # [B, H, T, K]
         b, _, t, _ = out.shape
         out = out.transpose(0, 2, 1, 3).reshape(b, t, self.num_heads * self.head_dim)  # [B, T, D]
         return self.out_proj(out)  # [B, T, D]

@@ -1,4 +1,4 @@
-"""`twin`: the command line tool. Subcommands: parity."""
+"""`twin`: the command line tool. Subcommands: parity, bench."""
 
 from __future__ import annotations
 
@@ -77,6 +77,19 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return 1 if print_table(rows, title) else 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+    if not script.is_file():
+        raise SystemExit("twin bench: benchmarks/bench_train.py ships with the source repository; "
+                         "run it from a clone (pip install -e .)")
+    sys.argv = [str(script), *args.extra]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="twin", description="One Transformer, two frameworks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,11 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=3)
     p.add_argument("--length", type=int, default=7, help="source and target length (capped at max_len)")
     p.set_defaults(func=cmd_parity)
+    b = sub.add_parser("bench", help="training-step throughput of each twin against its peer "
+                       "(benchmarks/bench_train.py; arguments are passed on, e.g. --quick)")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     return args.func(args)
 
 

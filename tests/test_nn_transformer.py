@@ -53,7 +53,7 @@ def nn_transformers(draw: st.DrawFn) -> nn.Transformer:
 def _reference(module: nn.Transformer, x: torch.Tensor, y: torch.Tensor, src_mask, tgt_mask) -> torch.Tensor:
     """nn.Transformer on batch-first inputs, with its own mask conventions (True = padding)."""
     t = y.shape[1]
-    causal = nn.Transformer.generate_square_subsequent_mask(t, dtype=torch.float64)  # [T, T]
+    causal = torch.ones(t, t, dtype=torch.bool).triu(1)  # [T, T], True = masked
     if not module.batch_first:
         x, y = x.transpose(0, 1), y.transpose(0, 1)  # [S, B, D], [T, B, D]
     out = module(x, y, tgt_mask=causal, src_key_padding_mask=~src_mask, tgt_key_padding_mask=~tgt_mask,
