@@ -32,34 +32,28 @@ def _feed_forward(prefix: str, d: int, f: int) -> dict[str, Shape]:
     return {**_linear(f"{prefix}.linear1", d, f), **_linear(f"{prefix}.linear2", f, d)}
 
 
+def _layer(prefix: str, d: int, f: int, cross: bool) -> dict[str, Shape]:
+    shapes = {**_attention(f"{prefix}.self_attn", d), **_norm(f"{prefix}.self_attn_norm", d)}
+    if cross:
+        shapes.update({**_attention(f"{prefix}.cross_attn", d), **_norm(f"{prefix}.cross_attn_norm", d)})
+    return {**shapes, **_feed_forward(f"{prefix}.ff", d, f), **_norm(f"{prefix}.ff_norm", d)}
+
+
 def canonical_shapes(cfg: TransformerConfig) -> dict[str, Shape]:
     """Every state_dict key of `torch_tx.Transformer(cfg)` with its shape, in registration order.
 
     Tied and shared weights appear under each of their names (as in `state_dict()`).
     """
-    d, f = cfg.d_model, cfg.d_ff
+    d = cfg.d_model
     shapes: dict[str, Shape] = {
         "src_embed.weight": (cfg.src_vocab_size, d),
         "tgt_embed.weight": (cfg.tgt_vocab_size, d),
     }
-    for i in range(cfg.num_encoder_layers):
-        p = f"encoder.layers.{i}"
-        shapes.update(_attention(f"{p}.self_attn", d))
-        shapes.update(_norm(f"{p}.self_attn_norm", d))
-        shapes.update(_feed_forward(f"{p}.ff", d, f))
-        shapes.update(_norm(f"{p}.ff_norm", d))
-    if cfg.final_norm:
-        shapes.update(_norm("encoder.norm", d))
-    for i in range(cfg.num_decoder_layers):
-        p = f"decoder.layers.{i}"
-        shapes.update(_attention(f"{p}.self_attn", d))
-        shapes.update(_norm(f"{p}.self_attn_norm", d))
-        shapes.update(_attention(f"{p}.cross_attn", d))
-        shapes.update(_norm(f"{p}.cross_attn_norm", d))
-        shapes.update(_feed_forward(f"{p}.ff", d, f))
-        shapes.update(_norm(f"{p}.ff_norm", d))
-    if cfg.final_norm:
-        shapes.update(_norm("decoder.norm", d))
+    for stack, num_layers in (("encoder", cfg.num_encoder_layers), ("decoder", cfg.num_decoder_layers)):
+        for i in range(num_layers):
+            shapes.update(_layer(f"{stack}.layers.{i}", d, cfg.d_ff, cross=stack == "decoder"))
+        if cfg.final_norm:
+            shapes.update(_norm(f"{stack}.norm", d))
     shapes.update(_linear("generator", d, cfg.tgt_vocab_size, bias=cfg.output_bias))
     return shapes
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -40,23 +40,26 @@ SPACE: dict[str, tuple[Any, ...]] = {
 }
 
 
-def random_config(rng: np.random.Generator) -> TransformerConfig:
-    """A config drawn from SPACE (dropout off)."""
-    def pick(name: str) -> Any:
-        options = SPACE[name]
-        return options[int(rng.integers(len(options)))]
-
-    d_model = pick("d_model")
-    heads = [h for h in SPACE["num_heads"] if d_model % h == 0]
-    share = pick("share_embeddings")
-    src_vocab = pick("vocab_size")
+def build_config(choose: Callable[[str, Sequence[Any]], Any]) -> TransformerConfig:
+    """A config (dropout off, max_len 16) whose fields come from `choose(name, options)` over SPACE."""
+    d_model = choose("d_model", SPACE["d_model"])
+    share = choose("share_embeddings", SPACE["share_embeddings"])
+    src_vocab = choose("vocab_size", SPACE["vocab_size"])
     return TransformerConfig(
-        src_vocab_size=src_vocab, tgt_vocab_size=src_vocab if share else pick("vocab_size"),
-        d_model=d_model, num_heads=heads[int(rng.integers(len(heads)))],
-        num_encoder_layers=pick("num_layers"), num_decoder_layers=pick("num_layers"), d_ff=pick("d_ff"),
-        dropout=0.0, activation=pick("activation"), norm_first=pick("norm_first"),
-        layer_norm_eps=pick("layer_norm_eps"), max_len=16, final_norm=pick("final_norm"),
-        tie_output=pick("tie_output"), share_embeddings=share, output_bias=pick("output_bias"))
+        src_vocab_size=src_vocab, tgt_vocab_size=src_vocab if share else choose("vocab_size", SPACE["vocab_size"]),
+        d_model=d_model, num_heads=choose("num_heads", [h for h in SPACE["num_heads"] if d_model % h == 0]),
+        num_encoder_layers=choose("num_layers", SPACE["num_layers"]),
+        num_decoder_layers=choose("num_layers", SPACE["num_layers"]), d_ff=choose("d_ff", SPACE["d_ff"]),
+        dropout=0.0, activation=choose("activation", SPACE["activation"]),
+        norm_first=choose("norm_first", SPACE["norm_first"]),
+        layer_norm_eps=choose("layer_norm_eps", SPACE["layer_norm_eps"]), max_len=16,
+        final_norm=choose("final_norm", SPACE["final_norm"]), tie_output=choose("tie_output", SPACE["tie_output"]),
+        share_embeddings=share, output_bias=choose("output_bias", SPACE["output_bias"]))
+
+
+def random_config(rng: np.random.Generator) -> TransformerConfig:
+    """A config drawn uniformly from SPACE."""
+    return build_config(lambda _, options: options[int(rng.integers(len(options)))])
 
 
 def np_dtype(name: str) -> np.dtype:
@@ -104,22 +107,30 @@ def errors(got: np.ndarray, ref: np.ndarray, denom: float | None = None) -> tupl
     return max_abs, (0.0 if num == 0.0 else num / norm if norm > 0 else float("inf"))
 
 
-def random_inputs(cfg: TransformerConfig, batch: int, src_len: int, tgt_len: int,
-                  rng: np.random.Generator, empty_source_row: bool = False) -> Inputs:
-    """Random ids and right-padded masks (at least one real token per row unless `empty_source_row`)."""
-    def ids_and_mask(vocab: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-        lengths = rng.integers(1, length + 1, size=batch)  # [B]
-        mask = np.arange(length)[None, :] < lengths[:, None]  # [B, L]
+def make_inputs(cfg: TransformerConfig, src_lengths: Sequence[int], tgt_lengths: Sequence[int], src_len: int,
+                tgt_len: int, rng: np.random.Generator) -> Inputs:
+    """Random non-pad ids, right-padded to the given per-row lengths (0 = an empty row), and loss weights."""
+    batch = len(src_lengths)
+
+    def ids_and_mask(vocab: int, length: int, lengths: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        mask = np.arange(length)[None, :] < np.asarray(lengths)[:, None]  # [B, L]
         ids = rng.integers(0, vocab, size=(batch, length))  # [B, L]
         ids = np.where(ids == cfg.pad_id, (cfg.pad_id + 1) % vocab, ids)
         return np.where(mask, ids, cfg.pad_id).astype(np.int64), mask
 
-    src, src_mask = ids_and_mask(cfg.src_vocab_size, src_len)
-    tgt, tgt_mask = ids_and_mask(cfg.tgt_vocab_size, tgt_len)
-    if empty_source_row:
-        src[0], src_mask[0] = cfg.pad_id, False
+    src, src_mask = ids_and_mask(cfg.src_vocab_size, src_len, src_lengths)
+    tgt, tgt_mask = ids_and_mask(cfg.tgt_vocab_size, tgt_len, tgt_lengths)
     weights = rng.standard_normal((batch, tgt_len, cfg.tgt_vocab_size))  # [B, T, V]
     return Inputs(src, tgt, src_mask, tgt_mask, weights)
+
+
+def random_inputs(cfg: TransformerConfig, batch: int, src_len: int, tgt_len: int,
+                  rng: np.random.Generator, empty_source_row: bool = False) -> Inputs:
+    """Random lengths (at least 1) per row; with `empty_source_row`, source row 0 is all padding."""
+    src_lengths = rng.integers(1, src_len + 1, size=batch)  # [B]
+    if empty_source_row:
+        src_lengths[0] = 0
+    return make_inputs(cfg, src_lengths, rng.integers(1, tgt_len + 1, size=batch), src_len, tgt_len, rng)
 
 
 def init_canonical(cfg: TransformerConfig, twin: str, seed: int) -> dict[str, np.ndarray]:
