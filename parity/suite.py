@@ -218,7 +218,7 @@ RUNNERS = {"torch": run_torch, "jax": run_jax}
 # that vanishes in exact arithmetic (k_proj biases: softmax ignores a shift of a whole row; q/k
 # projections when every query sees one key) comes out as rounding noise of size ~eps * ||ref_all||,
 # which no two implementations share; the floor measures such tensors against the whole gradient.
-GRAD_FLOORS = {"float64": 1e-5, "float32": 1e-2}
+GRAD_FLOORS = {"float64": 1e-5, "float32": 3e-2}
 
 
 def _grad_denominators(grads: Mapping[str, np.ndarray], dtype: str) -> dict[str, float]:
