@@ -101,29 +101,49 @@ def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tupl
     return out
 
 
-def check_canonical(weights: Mapping[str, Any], cfg: TransformerConfig) -> None:
-    """Raise ConversionError unless `weights` has exactly the canonical keys and shapes of `cfg`."""
-    expected = canonical_shapes(cfg)
-    _check_keys(set(weights), set(expected), "state dict")
+def _check_weights(weights: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
+    _check_keys(set(weights), set(expected), what)
     for key, shape in expected.items():
         _check_shape(key, tuple(weights[key].shape), shape)
+
+
+def check_canonical(weights: Mapping[str, Any], cfg: TransformerConfig) -> None:
+    """Raise ConversionError unless `weights` has exactly the canonical keys and shapes of `cfg`."""
+    _check_weights(weights, canonical_shapes(cfg), "state dict")
+
+
+_OUTSIDE_STACKS = ("src_embed.", "tgt_embed.", "generator.")
+
+
+def stack_shapes(cfg: TransformerConfig) -> dict[str, tuple[int, ...]]:
+    """The canonical keys torch.nn.Transformer also has: the encoder and decoder stacks."""
+    return {k: s for k, s in canonical_shapes(cfg).items() if not k.startswith(_OUTSIDE_STACKS)}
+
+
+def rename_to_flax(weights: Mapping[str, Any]) -> dict[str, Any]:
+    """Apply the rule table to canonical-style keys of any module (e.g. one MultiHeadAttention's
+    state_dict) -> nested Flax params of numpy arrays. No key-set check: see `canonical_to_flax`."""
+    params: dict[str, Any] = {}
+    for key, value in weights.items():
+        path, transpose = _rule_for_canonical(key)
+        array = to_numpy(value)
+        node = params
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = array.T if transpose else array
+    return params
 
 
 def canonical_to_flax(weights: Mapping[str, Any], cfg: TransformerConfig) -> dict[str, Any]:
     """Canonical {name: array} -> nested Flax params of numpy arrays. Tied copies must be equal."""
     check_canonical(weights, cfg)
     arrays = {k: to_numpy(v) for k, v in weights.items()}
-    for alias, owner in aliases(cfg).items():
+    tied = aliases(cfg)
+    for alias, owner in tied.items():
         if not np.array_equal(arrays[alias], arrays[owner]):
             raise ConversionError(f"{alias!r} differs from {owner!r}, but the config ties them "
                                   "(tie_output / share_embeddings)")
-    params: dict[str, Any] = {}
-    for path, (key, transpose) in flax_key_map(cfg).items():
-        node = params
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = arrays[key].T if transpose else arrays[key]
-    return params
+    return rename_to_flax({k: v for k, v in arrays.items() if k not in tied})
 
 
 def flax_to_canonical(params: Mapping[str, Any], cfg: TransformerConfig) -> dict[str, np.ndarray]:
@@ -176,6 +196,19 @@ _NN_RENAMES = {
 _PACKED = {"in_proj_weight": "weight", "in_proj_bias": "bias"}
 
 
+def _nn_key_to_canonical(key: str) -> tuple[str, str]:
+    """nn.Transformer key -> (canonical module, leaf): 'decoder.layers.0.multihead_attn.in_proj_weight'
+    -> ('decoder.layers.0.cross_attn', 'in_proj_weight'); 'encoder.norm.weight' -> ('encoder.norm', 'weight')."""
+    stack, rest = key.split(".", 1)
+    if not rest.startswith("layers."):
+        module, _, leaf = key.rpartition(".")
+        return module, leaf
+    _, idx, sub, leaf = rest.split(".", 3)
+    if sub not in _NN_RENAMES.get(stack, {}):
+        raise ConversionError(f"unexpected nn.Transformer key {key!r}")
+    return f"{stack}.layers.{idx}.{_NN_RENAMES[stack][sub]}", leaf
+
+
 def _nn_activation(layer) -> str:
     import torch.nn.functional as F
     from torch import nn
@@ -226,24 +259,14 @@ def from_nn_transformer(module, *, src_vocab_size: int, tgt_vocab_size: int,
                             **{**settings[0], **overrides})
     out: dict[str, Any] = {}
     for key, value in module.state_dict().items():
-        stack, rest = key.split(".", 1)
-        if rest.startswith("layers."):
-            _, idx, sub, leaf = rest.split(".", 3)
-            if sub not in _NN_RENAMES.get(stack, {}):
-                raise ConversionError(f"unexpected nn.Transformer key {key!r}")
-            prefix = f"{stack}.layers.{idx}.{_NN_RENAMES[stack][sub]}"
-            if leaf in _PACKED:
-                for name, part in zip(("q_proj", "k_proj", "v_proj"), value.detach().chunk(3, dim=0)):
-                    out[f"{prefix}.{name}.{_PACKED[leaf]}"] = part.clone()
-                continue
-            out[f"{prefix}.{leaf}"] = value.detach().clone()
+        prefix, leaf = _nn_key_to_canonical(key)
+        if leaf in _PACKED:
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.detach().chunk(3, dim=0)):
+                out[f"{prefix}.{name}.{_PACKED[leaf]}"] = part.clone()
         else:
-            out[key] = value.detach().clone()
-    expected = {k: s for k, s in canonical_shapes(cfg).items()
-                if not k.startswith(("src_embed.", "tgt_embed.", "generator."))}
-    _check_keys(set(out), set(expected), "nn.Transformer state dict")
-    for key, shape in expected.items():
-        _check_shape(key, tuple(out[key].shape), shape)
+            out[f"{prefix}.{leaf}"] = value.detach().clone()
+    expected = stack_shapes(cfg)
+    _check_weights(out, expected, "nn.Transformer state dict")
     return cfg, {k: out[k] for k in expected}
 
 
@@ -255,12 +278,8 @@ def to_nn_transformer(state_dict: Mapping[str, Any], cfg: TransformerConfig):
     import torch
     from torch import nn
 
-    stacks = {k: s for k, s in canonical_shapes(cfg).items()
-              if not k.startswith(("src_embed.", "tgt_embed.", "generator."))}
-    given = {k: v for k, v in state_dict.items() if not k.startswith(("src_embed.", "tgt_embed.", "generator."))}
-    _check_keys(set(given), set(stacks), "state dict")
-    for key, shape in stacks.items():
-        _check_shape(key, tuple(given[key].shape), shape)
+    given = {k: v for k, v in state_dict.items() if not k.startswith(_OUTSIDE_STACKS)}
+    _check_weights(given, stack_shapes(cfg), "state dict")
     layer_kw = dict(d_model=cfg.d_model, nhead=cfg.num_heads, dim_feedforward=cfg.d_ff, dropout=cfg.dropout,
                     activation=cfg.activation, layer_norm_eps=cfg.layer_norm_eps, batch_first=True,
                     norm_first=cfg.norm_first)
@@ -278,17 +297,11 @@ def to_nn_transformer(state_dict: Mapping[str, Any], cfg: TransformerConfig):
     tensors = {k: v if isinstance(v, torch.Tensor) else to_torch(to_numpy(v)) for k, v in given.items()}
     nn_sd: dict[str, Any] = {}
     for key in module.state_dict():
-        stack, rest = key.split(".", 1)
-        if rest.startswith("layers."):
-            _, idx, sub, leaf = rest.split(".", 3)
-            prefix = f"{stack}.layers.{idx}.{_NN_RENAMES[stack][sub]}"
-            if leaf in _PACKED:
-                nn_sd[key] = torch.cat([tensors[f"{prefix}.{p}.{_PACKED[leaf]}"]
-                                        for p in ("q_proj", "k_proj", "v_proj")])
-            else:
-                nn_sd[key] = tensors[f"{prefix}.{leaf}"]
+        prefix, leaf = _nn_key_to_canonical(key)
+        if leaf in _PACKED:
+            nn_sd[key] = torch.cat([tensors[f"{prefix}.{p}.{_PACKED[leaf]}"] for p in ("q_proj", "k_proj", "v_proj")])
         else:
-            nn_sd[key] = tensors[key]
+            nn_sd[key] = tensors[f"{prefix}.{leaf}"]
     dtype = next(iter(tensors.values())).dtype
     module.to(dtype)
     module.load_state_dict(nn_sd, strict=True)

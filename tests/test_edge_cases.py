@@ -57,9 +57,7 @@ def test_fully_masked_rows_give_zeros_not_nan(device):
     torch_mha = torch_tx.MultiHeadAttention(8, 2, 0.0).double().to(device)
     x = torch.from_numpy(rng.standard_normal((2, 3, 8))).to(device)  # [B, L, D]
     mha_t = torch_mha(x, x, torch.from_numpy(mask).to(device))
-    jparams = {name: {"kernel": getattr(torch_mha, name).weight.detach().cpu().numpy().T,
-                      "bias": getattr(torch_mha, name).bias.detach().cpu().numpy()}
-               for name in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    jparams = convert.rename_to_flax(torch_mha.state_dict())
     jax_device = jax.devices("gpu" if device == "cuda" else "cpu")[0]
     with jax.default_device(jax_device):
         out_j = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask))

@@ -64,9 +64,7 @@ def _run_attention(weights, num_heads, query, key_value, mask):
     tm = torch_tx.MultiHeadAttention(4, num_heads, 0.0).double()
     tm.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
     out_t = tm(torch.from_numpy(query), torch.from_numpy(key_value), torch.from_numpy(mask)).detach().numpy()
-    params = {name.split(".")[0]: {"kernel": weights[f"{name.split('.')[0]}.weight"].T,
-                                   "bias": weights[f"{name.split('.')[0]}.bias"]}
-              for name in weights if name.endswith(".weight")}
+    params = convert.rename_to_flax(weights)
     out_j = jax_tx.MultiHeadAttention(4, num_heads, 0.0).apply({"params": params}, jnp.asarray(query),
                                                                 jnp.asarray(key_value), jnp.asarray(mask))
     return out_t, np.asarray(out_j)

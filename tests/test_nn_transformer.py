@@ -7,7 +7,6 @@ encoder/decoder, and through the Flax twin's (weights converted torch -> Flax), 
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
