@@ -1,4 +1,4 @@
-"""`twin`: the command line tool. Subcommands: parity, bench."""
+"""`twin`: the command line tool. Subcommands: train, parity, bench."""
 
 from __future__ import annotations
 
@@ -77,6 +77,31 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return 1 if print_table(rows, title) else 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from parity.train import TrainConfig, TrainError, run
+
+    if args.framework == "jax" and args.device == "cpu":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    defaults = TrainConfig()
+    try:
+        tcfg = TrainConfig(steps=args.steps, max_tokens=args.max_tokens, lr_factor=args.lr_factor,
+                           warmup_steps=args.warmup, label_smoothing=args.label_smoothing, clip_norm=args.clip_norm,
+                           seed=args.seed, vocab_size=args.vocab_size, log_every=args.log_every,
+                           eval_every=args.eval_every, save_every=args.save_every, keep=args.keep,
+                           betas=defaults.betas, adam_eps=defaults.adam_eps)
+    except ValueError as e:
+        raise SystemExit(f"twin train: {e}") from None
+    try:
+        last = run(args.framework, args.data, args.out, model=args.config, tcfg=tcfg, resume=args.resume,
+                   init_from=args.init_from, dtype=args.dtype, device=args.device, limit=args.limit,
+                   show=args.show, test_limit=args.test_limit, progress=not args.no_progress,
+                   dropout=args.dropout)
+    except TrainError as e:
+        print(f"twin train: {e}", file=sys.stderr)
+        return 1
+    return 130 if last.get("interrupted") else 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import runpy
     from pathlib import Path
@@ -91,6 +116,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from parity.train import TrainConfig
+
+    defaults = TrainConfig()
     parser = argparse.ArgumentParser(prog="twin", description="One Transformer, two frameworks.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("parity", help="check that the PyTorch and Flax twins compute the same function")
@@ -103,6 +131,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=3)
     p.add_argument("--length", type=int, default=7, help="source and target length (capped at max_len)")
     p.set_defaults(func=cmd_parity)
+    t = sub.add_parser("train", help="train (or resume) a translation model in PyTorch or JAX",
+                       description="Train a model on sentence pairs; the run directory holds the canonical "
+                       "checkpoint, the tokenizer, the training state for --resume, metrics.jsonl and loss.png. "
+                       "Ctrl-C saves a checkpoint and stops.")
+    t.add_argument("--framework", choices=("torch", "jax"), default="torch")
+    t.add_argument("--data", default="builtin", help="'builtin' (English -> French number names), a .tsv/.jsonl "
+                   "file of pairs, or a directory with train/valid/test files (default builtin)")
+    t.add_argument("--out", required=True, help="run directory (new, or an existing run with --resume)")
+    t.add_argument("--steps", type=int, default=defaults.steps, help=f"total updates (default {defaults.steps})")
+    t.add_argument("--config", default="small", help="model preset (tiny, small, base) or a JSON file of "
+                   "TransformerConfig fields (default small)")
+    t.add_argument("--seed", type=int, default=defaults.seed)
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
+                   "(in either framework)")
+    t.add_argument("--init-from", metavar="CHECKPOINT", help="start from the weights (and tokenizer) of a "
+                   "checkpoint directory written by either framework")
+    t.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="token budget per batch")
+    t.add_argument("--lr-factor", type=float, default=defaults.lr_factor)
+    t.add_argument("--warmup", type=int, default=defaults.warmup_steps, help="warmup steps of the schedule")
+    t.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
+    t.add_argument("--clip-norm", type=float, default=defaults.clip_norm)
+    t.add_argument("--dropout", type=float, help="override the config's dropout")
+    t.add_argument("--vocab-size", type=int, default=defaults.vocab_size, help="BPE vocabulary size (at most)")
+    t.add_argument("--log-every", type=int, default=defaults.log_every)
+    t.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    t.add_argument("--save-every", type=int, default=defaults.save_every)
+    t.add_argument("--keep", type=int, default=defaults.keep, help="checkpoints kept")
+    t.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    t.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    t.add_argument("--limit", type=int, help="use only the first N training pairs")
+    t.add_argument("--test-limit", type=int, help="translate only the first N test sentences at the end "
+                   "(0: skip the test)")
+    t.add_argument("--show", type=int, default=5, help="translations printed at the end")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
     b = sub.add_parser("bench", help="training-step throughput of each twin against its peer "
                        "(benchmarks/bench_train.py; arguments are passed on, e.g. --quick)")
     b.set_defaults(func=cmd_bench)

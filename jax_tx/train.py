@@ -1,0 +1,173 @@
+"""Training the Flax twin: label-smoothed loss, Adam with the paper's schedule, one step, greedy decoding.
+
+Mirrors `torch_tx/train.py` name for name. `train_step(state, batch, rng) -> (state, metrics)` is
+pure and jitted with the state donated; dropout keys are `fold_in(rng, state.step)`. The loop around
+it is `parity.train`. State goes in and out in canonical names (numpy), so a run can resume in the
+other framework.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+
+from jax_tx.model import Transformer
+from parity.batching import Batch
+from parity.config import TransformerConfig
+from parity.convert import canonical_to_flax, flax_to_canonical
+from parity.train import TrainConfig, TrainState, learning_rate
+
+DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
+
+
+def loss_terms(logits: jnp.ndarray, labels: jnp.ndarray, pad_id: int, smoothing: float) -> dict[str, jnp.ndarray]:
+    """Sums over non-pad labels: smoothed loss, nll, correct argmax, token count (scalars).
+
+    Smoothed loss per token = (1 - smoothing) * nll + smoothing * mean over the vocabulary of -log p,
+    as `optax.smooth_labels` and `F.cross_entropy(label_smoothing=...)` define it.
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), -1)  # [B, T, V]
+    mask = labels != pad_id  # [B, T]
+    nll = -jnp.take_along_axis(logp, labels[..., None], -1)[..., 0]  # [B, T]
+    loss = (1.0 - smoothing) * nll - smoothing * logp.mean(-1)  # [B, T]
+    return {"loss": (loss * mask).sum(), "nll": (nll * mask).sum(),
+            "correct": ((logp.argmax(-1) == labels) & mask).sum(), "tokens": mask.sum()}
+
+
+def lr_schedule(cfg: TransformerConfig, tcfg: TrainConfig) -> optax.Schedule:
+    """The warmup + inverse-square-root schedule as an optax schedule (float64 under x64, like torch's float)."""
+    def schedule(count: jnp.ndarray) -> jnp.ndarray:
+        return learning_rate(jnp.asarray(count, jnp.result_type(float)), d_model=cfg.d_model, tcfg=tcfg,
+                             minimum=jnp.minimum)
+
+    return schedule
+
+
+def make_optimizer(cfg: TransformerConfig, tcfg: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then Adam(betas, eps) with the warmup + inverse-square-root schedule."""
+    schedule = lr_schedule(cfg, tcfg)
+    return optax.chain(optax.clip_by_global_norm(tcfg.clip_norm),
+                       optax.adam(schedule, b1=tcfg.betas[0], b2=tcfg.betas[1], eps=tcfg.adam_eps))
+
+
+def train_step(state: train_state.TrainState, batch: Mapping[str, jnp.ndarray], rng: jax.Array, *,
+               cfg: TransformerConfig, tcfg: TrainConfig) -> tuple[train_state.TrainState, dict[str, jnp.ndarray]]:
+    """One update on `batch` (src, tgt_in, labels); returns the new state, loss sums, grad norm and lr.
+
+    Pure: bind cfg/tcfg with functools.partial and jit with the state donated (see `Trainer`).
+    """
+    dropout_rng = jax.random.fold_in(rng, state.step)
+
+    def loss_fn(params):
+        logits = state.apply_fn({"params": params}, batch["src"], batch["tgt_in"], deterministic=False,
+                                rngs={"dropout": dropout_rng})  # [B, T, V]
+        terms = loss_terms(logits, batch["labels"], cfg.pad_id, tcfg.label_smoothing)
+        return terms["loss"] / jnp.maximum(terms["tokens"], 1), terms
+
+    grads, terms = jax.grad(loss_fn, has_aux=True)(state.params)
+    terms["grad_norm"] = optax.global_norm(grads)
+    terms["lr"] = lr_schedule(cfg, tcfg)(state.step)
+    return state.apply_gradients(grads=grads), terms
+
+
+def eval_step(state: train_state.TrainState, batch: Mapping[str, jnp.ndarray], *, cfg: TransformerConfig,
+              tcfg: TrainConfig) -> dict[str, jnp.ndarray]:
+    """Loss sums of `batch` without dropout or update."""
+    logits = state.apply_fn({"params": state.params}, batch["src"], batch["tgt_in"])  # [B, T, V]
+    return loss_terms(logits, batch["labels"], cfg.pad_id, tcfg.label_smoothing)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "bos_id", "eos_id"))
+def greedy_decode(model: Transformer, params, src: jnp.ndarray, *, max_new_tokens: int, bos_id: int,
+                  eos_id: int) -> jnp.ndarray:
+    """Greedy tokens (B, max_new_tokens) without BOS, pad after EOS. Re-runs the decoder on the prefix."""
+    pad_id = model.cfg.pad_id
+    steps = min(max_new_tokens, model.cfg.max_len - 1)
+    src_mask = src != pad_id  # [B, S]
+    memory = model.apply({"params": params}, src, src_mask, method=model.encode)  # [B, S, D]
+    out = jnp.full((src.shape[0], steps + 1), pad_id, dtype=src.dtype).at[:, 0].set(bos_id)  # [B, L + 1]
+    tgt_mask = jnp.ones_like(out, dtype=bool)  # [B, L + 1]
+
+    def cond(carry):
+        t, _, done = carry
+        return (t < steps) & ~done.all()
+
+    def body(carry):
+        t, out, done = carry
+        logits = model.apply({"params": params}, out, memory, src_mask, tgt_mask, method=model.decode)  # [B, L+1, V]
+        token = jnp.where(done, pad_id, logits[:, t].argmax(-1).astype(out.dtype))  # [B]
+        return t + 1, out.at[:, t + 1].set(token), done | (token == eos_id)
+
+    _, out, _ = jax.lax.while_loop(cond, body, (0, out, jnp.zeros(src.shape[0], dtype=bool)))
+    return out[:, 1:]
+
+
+class Trainer:
+    """The JAX side of `parity.train`: a flax TrainState, the dropout key and the jitted step."""
+
+    framework = "jax"
+
+    def __init__(self, cfg: TransformerConfig, tcfg: TrainConfig, weights: Mapping[str, np.ndarray] | None = None,
+                 *, dtype: str = "float32", device: str = "cpu") -> None:
+        if dtype == "float64" and not jax.config.jax_enable_x64:
+            jax.config.update("jax_enable_x64", True)
+        self.cfg, self.tcfg, self.dtype = cfg, tcfg, DTYPES[dtype]
+        self.device = jax.devices("gpu" if device == "cuda" else device)[0]
+        self.model = Transformer(cfg)
+        init_rng, self.rng = jax.random.split(jax.random.key(tcfg.seed))
+        if weights is None:
+            dummy = jnp.ones((1, 1), dtype=jnp.int32)
+            params = self.model.init(init_rng, dummy, dummy)["params"]
+        else:
+            params = canonical_to_flax(weights, cfg)
+        self.train_state = train_state.TrainState.create(apply_fn=self.model.apply, params=self._put(params),
+                                                         tx=make_optimizer(cfg, tcfg))
+        self._train_step = jax.jit(functools.partial(train_step, cfg=cfg, tcfg=tcfg), donate_argnums=0)
+        self._eval_step = jax.jit(functools.partial(eval_step, cfg=cfg, tcfg=tcfg))
+
+    def _put(self, tree):
+        return jax.device_put(jax.tree_util.tree_map(lambda a: jnp.asarray(a, self.dtype), tree), self.device)
+
+    def _arrays(self, batch: Batch) -> dict[str, jnp.ndarray]:
+        return {name: jax.device_put(getattr(batch, name), self.device) for name in ("src", "tgt_in", "labels")}
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        self.train_state, terms = self._train_step(self.train_state, self._arrays(batch), self.rng)
+        return {k: float(v) for k, v in jax.device_get(terms).items()}
+
+    def eval_step(self, batch: Batch) -> dict[str, float]:
+        return {k: float(v) for k, v in jax.device_get(self._eval_step(self.train_state, self._arrays(batch))).items()}
+
+    def greedy(self, src: np.ndarray, *, max_new_tokens: int, bos_id: int, eos_id: int) -> np.ndarray:
+        return np.asarray(greedy_decode(self.model, self.train_state.params, jax.device_put(src, self.device),
+                                        max_new_tokens=max_new_tokens, bos_id=bos_id, eos_id=eos_id))
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return flax_to_canonical(jax.device_get(self.train_state.params), self.cfg)
+
+    def export_state(self, step: int) -> TrainState:
+        """Weights, Adam moments (canonical names, tied names repeated) after `step` updates."""
+        adam = _adam_state(self.train_state.opt_state)
+        return TrainState(step=step, weights=self.weights(), exp_avg=flax_to_canonical(jax.device_get(adam.mu), self.cfg),
+                          exp_avg_sq=flax_to_canonical(jax.device_get(adam.nu), self.cfg))
+
+    def load_state(self, state: TrainState) -> None:
+        """Continue exactly where `state` stopped (it may come from either framework)."""
+        params = self._put(canonical_to_flax(state.weights, self.cfg))
+        opt_state = optax.tree_utils.tree_set(
+            self.train_state.tx.init(params), mu=self._put(canonical_to_flax(state.exp_avg, self.cfg)),
+            nu=self._put(canonical_to_flax(state.exp_avg_sq, self.cfg)), count=jnp.asarray(state.step, jnp.int32))
+        opt_state = jax.tree_util.tree_map(jnp.copy, opt_state)  # one buffer per leaf: the step donates them
+        self.train_state = self.train_state.replace(step=state.step, params=params, opt_state=opt_state)
+
+
+def _adam_state(opt_state) -> optax.ScaleByAdamState:
+    found = [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+             if isinstance(s, optax.ScaleByAdamState)]
+    return found[0]

@@ -1,0 +1,93 @@
+"""One joint subword tokenizer for source and target (Hugging Face `tokenizers`, BPE), saved as `tokenizer.json`.
+
+Special tokens have fixed ids: <pad> 0 (the config's default pad_id), <bos> 1, <eos> 2, <unk> 3.
+Text is NFKC-normalized and split on spaces the sentencepiece way (Metaspace), so decoding gives the
+text back exactly, spaces included. Characters never seen in training become <unk>.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from parity.checkpoint import atomic_write_bytes
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+SPECIALS = (PAD, BOS, EOS, UNK)
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used."""
+
+
+class Tokenizer:
+    """Thin wrapper over `tokenizers.Tokenizer` with the ids the trainers and decoders need."""
+
+    def __init__(self, hf_tokenizer) -> None:
+        self.hf = hf_tokenizer
+        ids = [hf_tokenizer.token_to_id(token) for token in SPECIALS]
+        if ids != list(range(len(SPECIALS))):
+            raise TokenizerError(f"special tokens {SPECIALS} must have ids 0..3, found {ids}")
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id = ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the vocabulary (token -> id), to tell whether two tokenizers agree."""
+        vocab = sorted(self.hf.get_vocab().items(), key=lambda item: item[1])
+        return hashlib.sha256("\n".join(token for token, _ in vocab).encode()).hexdigest()
+
+    def encode(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Token ids of each text, no special tokens added: list of [L] int32."""
+        return [np.asarray(e.ids, dtype=np.int32) for e in self.hf.encode_batch(list(texts))]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of the ids up to the first <eos>, skipping <pad> and <bos>."""
+        kept = []
+        for i in ids:
+            i = int(i)
+            if i == self.eos_id:
+                break
+            if i not in (self.pad_id, self.bos_id):
+                kept.append(i)
+        return self.hf.decode(kept, skip_special_tokens=False)
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_bytes(path, self.hf.to_str(pretty=True).encode())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / TOKENIZER_FILE
+        try:
+            text = path.read_text(encoding="utf-8")
+            return cls(HFTokenizer.from_str(text))
+        except (OSError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{path}: cannot read tokenizer ({getattr(e, 'strerror', None) or e})") from None
+        except Exception as e:  # tokenizers raises its own Exception subclass for malformed JSON
+            raise TokenizerError(f"{path}: not a tokenizers JSON file ({e})") from None
+
+
+def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 1000, min_frequency: int = 2) -> Tokenizer:
+    """BPE over `texts` (source and target sentences of the training split)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE(unk_token=UNK))
+    hf.normalizer = normalizers.NFKC()
+    hf.pre_tokenizer = pre_tokenizers.Metaspace()
+    hf.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=list(SPECIALS), show_progress=False)
+    hf.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(hf)

@@ -1,0 +1,516 @@
+"""The training run both frameworks share: data, tokenizer, batches, logging, checkpoints, resume.
+
+The framework-specific part is a `Trainer` from `torch_tx.train` or `jax_tx.train` (the same
+methods in both); everything here is numpy and files. A run directory holds:
+
+    config.json, model.safetensors    the latest weights (canonical names), for translate/eval/parity
+    tokenizer.json                    the joint BPE tokenizer
+    train_config.json                 TrainConfig, framework, data
+    metrics.jsonl                     one JSON record per log/eval interval
+    loss.png                          train and validation loss curves
+    checkpoints/step_0000500/         model.safetensors, optimizer.safetensors (Adam moments in
+                                      canonical names, RNG state), trainer_state.json (step, data
+                                      position, fingerprints); the last `keep` are kept
+
+Checkpoint directories appear whole (written under a temporary name, fsynced, renamed). Adam
+moments are stored in canonical layout, so a run saved by one framework resumes in the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import io
+import json
+import math
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from parity.batching import Batcher, Position
+from parity.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, CheckpointError, atomic_write_bytes, load_checkpoint,
+                               load_config, save_checkpoint)
+from parity.config import TransformerConfig
+from parity.convert import ConversionError, check_canonical
+from parity.data import Corpus, DataError, load_corpus
+from parity.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError, train_tokenizer
+
+FRAMEWORKS = ("torch", "jax")
+CHECKPOINTS = "checkpoints"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "trainer_state.json"
+TRAIN_CONFIG_FILE = "train_config.json"
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(d_model=32, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, d_ff=64, max_len=64),
+    "small": dict(d_model=128, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, d_ff=512, max_len=128),
+    "base": dict(d_model=512, num_heads=8, num_encoder_layers=6, num_decoder_layers=6, d_ff=2048, max_len=256),
+}
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or go on; the message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimization and bookkeeping settings of a run (the model's are in TransformerConfig).
+
+    lr = lr_factor * d_model^-0.5 * min(step^-0.5, step * warmup_steps^-1.5), step counted from 1
+    (Vaswani et al. 2017, eq. 3, with lr_factor 1; the paper warms up for 4000 of 100k steps, the
+    defaults here suit the embedded corpus: 1200 steps, 400 of warmup).
+    """
+
+    steps: int = 1200
+    max_tokens: int = 4096
+    lr_factor: float = 1.0
+    warmup_steps: int = 400
+    label_smoothing: float = 0.1
+    clip_norm: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.98)
+    adam_eps: float = 1e-9
+    seed: int = 0
+    vocab_size: int = 1000
+    bucket_step: int = 8
+    log_every: int = 20
+    eval_every: int = 500
+    save_every: int = 500
+    keep: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "max_tokens", "warmup_steps", "vocab_size", "bucket_step", "log_every",
+                     "eval_every", "save_every", "keep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        object.__setattr__(self, "betas", tuple(self.betas))
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+def learning_rate(step, *, d_model: int, tcfg: TrainConfig, minimum: Callable = min):
+    """The rate of update number `step` (0-based). `minimum`: `jnp.minimum` for traced steps."""
+    s = step + 1
+    return tcfg.lr_factor * d_model ** -0.5 * minimum(s ** -0.5, s * tcfg.warmup_steps ** -1.5)
+
+
+@dataclass
+class TrainState:
+    """What exact resume needs, framework-neutral: step, weights and Adam moments (canonical names), RNGs."""
+
+    step: int
+    weights: dict[str, np.ndarray]
+    exp_avg: dict[str, np.ndarray]
+    exp_avg_sq: dict[str, np.ndarray]
+    rng: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def model_config(spec: str | TransformerConfig, vocab_size: int) -> TransformerConfig:
+    """A preset name or a JSON file of TransformerConfig fields; vocab sizes come from the tokenizer."""
+    if isinstance(spec, TransformerConfig):
+        fields = spec.to_dict()
+    elif spec in PRESETS:
+        fields = dict(PRESETS[spec])
+    else:
+        try:
+            fields = json.loads(Path(spec).read_text())
+        except OSError as e:
+            raise TrainError(f"--config {spec}: not a preset ({', '.join(PRESETS)}) and not readable "
+                             f"({e.strerror or e})") from None
+        except json.JSONDecodeError as e:
+            raise TrainError(f"--config {spec}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    for key in ("src_vocab_size", "tgt_vocab_size"):
+        if fields.get(key, vocab_size) != vocab_size:
+            raise TrainError(f"vocabulary mismatch: the config's {key} is {fields[key]}, the tokenizer has "
+                             f"{vocab_size} tokens")
+    fields.update(src_vocab_size=vocab_size, tgt_vocab_size=vocab_size)
+    try:
+        return TransformerConfig.from_dict({**TransformerConfig(1, 1).to_dict(), **fields})
+    except (ValueError, TypeError) as e:
+        raise TrainError(f"--config {spec}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------- files
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit())
+
+
+def save_training_checkpoint(run_dir: Path, cfg: TransformerConfig, state: TrainState, meta: Mapping[str, Any],
+                             keep: int) -> Path:
+    """Write checkpoints/step_N whole (temp dir, fsync, rename), refresh the top-level weights, prune to `keep`."""
+    from safetensors.numpy import save_file
+
+    root = run_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{state.step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+    try:
+        save_checkpoint(tmp, cfg, state.weights)
+        arrays = {f"{moment}.{k}": np.ascontiguousarray(v) for moment in MOMENTS
+                  for k, v in getattr(state, moment).items()}
+        arrays.update({f"rng.{k}": np.ascontiguousarray(v) for k, v in state.rng.items()})
+        save_file(arrays, str(tmp / OPTIMIZER_FILE))
+        with open(tmp / OPTIMIZER_FILE, "rb+") as f:
+            os.fsync(f.fileno())
+        _write_json(tmp / STATE_FILE, {**meta, "step": state.step})
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    save_checkpoint(run_dir, cfg, state.weights)
+    for old in checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def load_training_checkpoint(step_dir: Path, cfg: TransformerConfig) -> tuple[TrainState, dict[str, Any]]:
+    """TrainState and trainer_state.json of a checkpoint directory; every key and shape checked."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    ckpt_cfg, weights = load_checkpoint(step_dir)
+    if ckpt_cfg != cfg:
+        raise CheckpointError(f"{step_dir}: its config differs from the run's {CONFIG_FILE}")
+    path = step_dir / OPTIMIZER_FILE
+    try:
+        arrays = load_file(str(path))
+        meta = json.loads((step_dir / STATE_FILE).read_text())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{step_dir}: unreadable training state ({e})") from None
+    moments = {m: {k[len(m) + 1:]: v for k, v in arrays.items() if k.startswith(m + ".")} for m in MOMENTS}
+    try:
+        for m in MOMENTS:
+            check_canonical(moments[m], cfg)
+    except ConversionError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    rng = {k[4:]: v for k, v in arrays.items() if k.startswith("rng.")}
+    return TrainState(int(meta["step"]), weights, moments["exp_avg"], moments["exp_avg_sq"], rng), meta
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(run_dir: Path, records: list[dict[str, Any]]) -> None:
+    """loss.png: training and validation loss against step (matplotlib, written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for split, style in (("train", "-"), ("valid", "o-")):
+        points = [(r["step"], r["loss"]) for r in records if r["split"] == split]
+        if points:
+            ax.plot(*zip(*points), style, label=f"{split} loss", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("label-smoothed cross-entropy")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(run_dir / PLOT_FILE, buffer.getvalue())
+
+
+# ------------------------------------------------------------------------------------- the run
+
+class _Window:
+    """Token-weighted averages of the step metrics since the last log record."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps, self.seconds = 0, 0.0
+
+    def add(self, metrics: Mapping[str, float], seconds: float) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+        self.seconds += seconds
+
+    def record(self, step: int) -> dict[str, Any]:
+        s, tokens = self.sums, max(self.sums["tokens"], 1.0)
+        record = {"step": step, "split": "train", "loss": s["loss"] / tokens, "nll": s["nll"] / tokens,
+                  "ppl": math.exp(min(s["nll"] / tokens, 700.0)), "accuracy": s["correct"] / tokens,
+                  "lr": s["lr"] / self.steps, "grad_norm": s["grad_norm"] / self.steps,
+                  "tokens": int(s["tokens"]), "tokens_per_s": s["tokens"] / max(self.seconds, 1e-9)}
+        self.__init__()
+        return record
+
+
+def summarize(sums: Mapping[str, float], step: int, split: str) -> dict[str, Any]:
+    tokens = max(sums["tokens"], 1.0)
+    return {"step": step, "split": split, "loss": sums["loss"] / tokens, "nll": sums["nll"] / tokens,
+            "ppl": math.exp(min(sums["nll"] / tokens, 700.0)), "accuracy": sums["correct"] / tokens,
+            "tokens": int(sums["tokens"])}
+
+
+def evaluate(trainer, batcher: Batcher, step: int, split: str = "valid") -> dict[str, Any]:
+    """Teacher-forced loss, perplexity and token accuracy over every example of `batcher`."""
+    sums: dict[str, float] = {}
+    for batch in batcher.once():
+        for k, v in trainer.eval_step(batch).items():
+            sums[k] = sums.get(k, 0.0) + v
+    return summarize(sums, step, split)
+
+
+def translate(trainer, tokenizer: Tokenizer, texts: list[str], max_len: int, batch_size: int = 256) -> list[str]:
+    """Greedy translations of `texts` (sources longer than max_len - 1 tokens are truncated)."""
+    out = []
+    encoded = tokenizer.encode(texts)
+    for start in range(0, len(texts), batch_size):
+        chunk = [np.append(ids[:max_len - 1], tokenizer.eos_id) for ids in encoded[start:start + batch_size]]
+        src = np.full((len(chunk), max(len(c) for c in chunk)), tokenizer.pad_id, dtype=np.int32)  # [B, S]
+        for row, ids in enumerate(chunk):
+            src[row, :len(ids)] = ids
+        tokens = trainer.greedy(src, max_new_tokens=max_len - 1, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+        out += [tokenizer.decode(row) for row in tokens]
+    return out
+
+
+def exact_match(hypotheses: list[str], references: list[str]) -> float:
+    return sum(h == r for h, r in zip(hypotheses, references)) / max(len(references), 1)
+
+
+class _StopOnSigint:
+    """First Ctrl-C asks the loop to stop after the current step (it then saves); a second one aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "_StopOnSigint":
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise TrainError(f"cannot write to output directory {out}: {e.strerror or e}") from None
+
+
+def _prepare_run_dir(out: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None for a new run); refuses to overwrite an existing run."""
+    if resume:
+        found = checkpoint_dirs(out)
+        if not found:
+            raise TrainError(f"--resume: {out} holds no checkpoint to resume from")
+        _check_writable(out)
+        return found[-1]
+    if out.exists() and any(out.iterdir()):
+        raise TrainError(f"{out} is not empty; pass --resume to continue the run there, or choose another --out")
+    _check_writable(out)
+    return None
+
+
+def _trainer_class(framework: str):
+    if framework not in FRAMEWORKS:
+        raise TrainError(f"unknown framework {framework!r}; expected one of {', '.join(FRAMEWORKS)}")
+    return importlib.import_module(f"{framework}_tx.train").Trainer
+
+
+def _encoded(tokenizer: Tokenizer, pairs, cfg: TransformerConfig, tcfg: TrainConfig, shuffle: bool) -> Batcher:
+    src = tokenizer.encode([p[0] for p in pairs])
+    tgt = tokenizer.encode([p[1] for p in pairs])
+    try:
+        return Batcher(src, tgt, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+                       max_tokens=tcfg.max_tokens, max_len=cfg.max_len, bucket_step=tcfg.bucket_step,
+                       seed=tcfg.seed, shuffle=shuffle)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+
+
+def run(framework: str, data: str, out: str | os.PathLike, *, model: str | TransformerConfig = "small",
+        tcfg: TrainConfig = TrainConfig(), resume: bool = False, init_from: str | os.PathLike | None = None,
+        dtype: str = "float32", device: str = "cpu", limit: int | None = None, show: int = 5,
+        test_limit: int | None = None, progress: bool = True, dropout: float | None = None,
+        echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train (or resume) a run in `out`; returns the last train/valid/test records (and `interrupted`)."""
+    out = Path(out)
+    Trainer = _trainer_class(framework)
+    resume_from = _prepare_run_dir(out, resume)
+    try:
+        corpus = load_corpus(data, limit=limit)
+    except DataError as e:
+        raise TrainError(str(e)) from None
+
+    init_weights, meta = None, {}
+    try:
+        if resume_from is not None:
+            tokenizer = Tokenizer.load(out / TOKENIZER_FILE)
+            cfg = load_config(out)
+            saved = json.loads((out / TRAIN_CONFIG_FILE).read_text())
+            tcfg = TrainConfig.from_dict({**saved["train"], "steps": tcfg.steps})
+        elif init_from is not None:
+            init_cfg, init_weights = load_checkpoint(init_from)
+            source = Path(init_from) / TOKENIZER_FILE
+            tokenizer = Tokenizer.load(source) if source.is_file() else train_tokenizer(
+                (s for pair in corpus.train for s in pair), vocab_size=tcfg.vocab_size)
+            cfg = model_config(init_cfg, tokenizer.vocab_size)
+        else:
+            tokenizer = train_tokenizer((s for pair in corpus.train for s in pair), vocab_size=tcfg.vocab_size)
+            cfg = model_config(model, tokenizer.vocab_size)
+        if dropout is not None and resume_from is None:
+            cfg = cfg.replace(dropout=dropout)
+    except (CheckpointError, TokenizerError, OSError, KeyError, ValueError) as e:
+        raise TrainError(str(e)) from None
+    if resume_from is not None:
+        if cfg.src_vocab_size != tokenizer.vocab_size or cfg.tgt_vocab_size != tokenizer.vocab_size:
+            raise TrainError(f"vocabulary mismatch: {out / CONFIG_FILE} has vocab sizes ({cfg.src_vocab_size}, "
+                             f"{cfg.tgt_vocab_size}) but {out / TOKENIZER_FILE} has {tokenizer.vocab_size} tokens")
+        try:
+            state, meta = load_training_checkpoint(resume_from, cfg)
+        except CheckpointError as e:
+            raise TrainError(str(e)) from None
+        if meta.get("tokenizer") != tokenizer.fingerprint():
+            raise TrainError(f"vocabulary mismatch: {out / TOKENIZER_FILE} is not the tokenizer "
+                             f"{resume_from.name} was trained with")
+        if meta.get("data") != corpus.fingerprint():
+            raise TrainError(f"--data {data}: not the training data of the run in {out} (it was trained on "
+                             f"{meta.get('data_name')!r}); resume with the same --data")
+    else:
+        tokenizer.save(out / TOKENIZER_FILE)
+        _write_json(out / TRAIN_CONFIG_FILE, {"framework": framework, "data": str(data), "model": str(model)
+                                              if not isinstance(model, TransformerConfig) else "custom",
+                                              "init_from": None if init_from is None else str(init_from),
+                                              "train": tcfg.to_dict()})
+        atomic_write_bytes(out / CONFIG_FILE, cfg.to_json().encode())
+
+    train_batches = _encoded(tokenizer, corpus.train, cfg, tcfg, shuffle=True)
+    valid_batches = _encoded(tokenizer, corpus.valid, cfg, tcfg, shuffle=False)
+    if train_batches.dropped:
+        echo(f"note: {train_batches.dropped} training pairs longer than max_len={cfg.max_len} tokens were left out")
+    trainer = Trainer(cfg, tcfg, init_weights, dtype=dtype, device=device)
+    step, position = 0, Position()
+    records = read_metrics(out)
+    if resume_from is not None:
+        trainer.load_state(state)
+        step, position = state.step, Position(*meta["position"])
+        records = [r for r in records if r["step"] <= step]
+        atomic_write_bytes(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records).encode())
+        echo(f"resuming {out} at step {step} ({framework})")
+
+    def checkpoint() -> Path:
+        meta = {"framework": framework, "position": [position.epoch, position.index], "seed": tcfg.seed,
+                "tokenizer": tokenizer.fingerprint(), "data": corpus.fingerprint(), "data_name": corpus.name,
+                "dtype": dtype}
+        return save_training_checkpoint(out, cfg, trainer.export_state(step), meta, tcfg.keep)
+
+    def log(record: dict[str, Any]) -> None:
+        records.append(record)
+        with open(out / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    window, last_saved, last = _Window(), resume_from, {}
+    bar = _progress(progress, tcfg.steps, step)
+    with _StopOnSigint() as stop:
+        stream = train_batches.stream(position)
+        while step < tcfg.steps and not stop.requested:
+            following, batch = next(stream)
+            start = time.perf_counter()
+            metrics = trainer.train_step(batch)
+            seconds = time.perf_counter() - start
+            if not math.isfinite(metrics["loss"]):
+                bar.close()
+                kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved"
+                raise TrainError(f"loss became {metrics['loss']} at step {step + 1}; stopped, {kept}")
+            step, position = step + 1, following
+            window.add(metrics, seconds)
+            bar.update(1)
+            if step % tcfg.log_every == 0 or step == tcfg.steps:
+                last["train"] = window.record(step)
+                log(last["train"])
+                bar.set_postfix(loss=f"{last['train']['loss']:.3f}", lr=f"{last['train']['lr']:.2e}",
+                                tok_s=f"{last['train']['tokens_per_s']:,.0f}")
+            if step % tcfg.eval_every == 0 or step == tcfg.steps:
+                last["valid"] = evaluate(trainer, valid_batches, step)
+                log(last["valid"])
+                plot_losses(out, records)
+            if step % tcfg.save_every == 0 or step == tcfg.steps:
+                last_saved = checkpoint()
+        bar.close()
+        if stop.requested:
+            last_saved = checkpoint()
+            echo(f"interrupted at step {step}: saved {last_saved}; continue with --resume")
+            return {**last, "interrupted": True}
+    if records:
+        plot_losses(out, records)
+    if test_limit != 0:
+        pairs = corpus.test[:test_limit]
+        hypotheses = translate(trainer, tokenizer, [p[0] for p in pairs], cfg.max_len)
+        last["test"] = {"step": step, "split": "test", "exact_match": exact_match(hypotheses, [p[1] for p in pairs]),
+                        "sentences": len(pairs)}
+        log(last["test"])
+        for (src, ref), hyp in list(zip(pairs, hypotheses))[:show]:
+            echo(f"  {src}\n    -> {hyp}{'' if hyp == ref else f'   (reference: {ref})'}")
+        echo(f"test exact match: {last['test']['exact_match']:.2%} of {len(pairs)} sentences")
+    return last
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)

@@ -1,0 +1,163 @@
+"""Training the torch twin: label-smoothed loss, Adam with the paper's schedule, one step, greedy decoding.
+
+Mirrors `jax_tx/train.py` name for name. The loop around it (data, logging, checkpoints) is
+`parity.train`, shared by both frameworks. State goes in and out in canonical names (numpy), so a
+run can resume in the other framework.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from parity.batching import Batch
+from parity.config import TransformerConfig
+from parity.convert import to_numpy, to_torch
+from parity.train import TrainConfig, TrainState, learning_rate
+from torch_tx.model import Transformer
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def loss_terms(logits: torch.Tensor, labels: torch.Tensor, pad_id: int, smoothing: float) -> dict[str, torch.Tensor]:
+    """Sums over non-pad labels: smoothed loss, nll, correct argmax, token count (scalars).
+
+    Smoothed loss per token = (1 - smoothing) * nll + smoothing * mean over the vocabulary of -log p,
+    as `F.cross_entropy(label_smoothing=...)` and `optax.smooth_labels` define it.
+    """
+    logp = F.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, -1)  # [B, T, V]
+    mask = labels != pad_id  # [B, T]
+    nll = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # [B, T]
+    loss = (1.0 - smoothing) * nll - smoothing * logp.mean(-1)  # [B, T]
+    return {"loss": (loss * mask).sum(), "nll": (nll * mask).sum(),
+            "correct": ((logp.argmax(-1) == labels) & mask).sum(), "tokens": mask.sum()}
+
+
+def make_optimizer(model: Transformer, tcfg: TrainConfig) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
+    """Adam(betas, eps) driven by `LambdaLR` with the warmup + inverse-square-root schedule (base lr 1)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1.0, betas=tcfg.betas, eps=tcfg.adam_eps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate(step, d_model=model.cfg.d_model, tcfg=tcfg))
+    return optimizer, schedule
+
+
+def clip_by_global_norm_(parameters, max_norm: float) -> torch.Tensor:
+    """Scale all gradients by max_norm / norm when their global norm exceeds max_norm; return the norm.
+
+    `optax.clip_by_global_norm`'s rule. (`clip_grad_norm_` divides by norm + 1e-6, a 1e-6 relative
+    difference that Adam carries into every later step.)
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if norm >= max_norm:
+        for g in grads:
+            g.div_(norm).mul_(max_norm)
+    return norm
+
+
+def train_step(model: Transformer, optimizer: torch.optim.Adam, schedule, batch: Mapping[str, torch.Tensor],
+               tcfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """One update on `batch` (src, tgt_in, labels); returns the loss sums, grad norm and the lr used."""
+    model.train()
+    lr = optimizer.param_groups[0]["lr"]
+    logits = model(batch["src"], batch["tgt_in"])  # [B, T, V]
+    terms = loss_terms(logits, batch["labels"], model.cfg.pad_id, tcfg.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    (terms["loss"] / terms["tokens"].clamp(min=1)).backward()
+    terms["grad_norm"] = clip_by_global_norm_(model.parameters(), tcfg.clip_norm)
+    optimizer.step()
+    schedule.step()
+    terms["lr"] = torch.tensor(lr)
+    return terms
+
+
+@torch.no_grad()
+def eval_step(model: Transformer, batch: Mapping[str, torch.Tensor], tcfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """Loss sums of `batch` without dropout or update."""
+    model.eval()
+    logits = model(batch["src"], batch["tgt_in"])  # [B, T, V]
+    return loss_terms(logits, batch["labels"], model.cfg.pad_id, tcfg.label_smoothing)
+
+
+@torch.no_grad()
+def greedy_decode(model: Transformer, src: torch.Tensor, *, max_new_tokens: int, bos_id: int,
+                  eos_id: int) -> torch.Tensor:
+    """Greedy tokens (B, <= max_new_tokens) without BOS, pad after EOS. Re-runs the decoder on the prefix."""
+    model.eval()
+    src_mask = src != model.cfg.pad_id  # [B, S]
+    memory = model.encode(src, src_mask)  # [B, S, D]
+    out = torch.full((src.shape[0], 1), bos_id, dtype=src.dtype, device=src.device)  # [B, 1]
+    done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)  # [B]
+    for _ in range(min(max_new_tokens, model.cfg.max_len - 1)):
+        logits = model.decode(out, memory, src_mask, torch.ones_like(out, dtype=torch.bool))  # [B, t, V]
+        token = logits[:, -1].argmax(-1).masked_fill(done, model.cfg.pad_id)  # [B]
+        out = torch.cat([out, token[:, None]], 1)  # [B, t + 1]
+        done |= token == eos_id
+        if bool(done.all()):
+            break
+    return out[:, 1:]
+
+
+class Trainer:
+    """The torch side of `parity.train`: model, optimizer, schedule and dropout RNG on one device."""
+
+    framework = "torch"
+
+    def __init__(self, cfg: TransformerConfig, tcfg: TrainConfig, weights: Mapping[str, np.ndarray] | None = None,
+                 *, dtype: str = "float32", device: str = "cpu") -> None:
+        self.cfg, self.tcfg, self.device = cfg, tcfg, torch.device(device)
+        torch.manual_seed(tcfg.seed)
+        self.model = Transformer(cfg).to(self.device, DTYPES[dtype])
+        if weights is not None:
+            self.model.load_state_dict({k: to_torch(np.asarray(v)) for k, v in weights.items()})
+        self.optimizer, self.schedule = make_optimizer(self.model, tcfg)
+
+    def _tensors(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return {name: torch.from_numpy(getattr(batch, name)).to(self.device, torch.long)
+                for name in ("src", "tgt_in", "labels")}
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        terms = train_step(self.model, self.optimizer, self.schedule, self._tensors(batch), self.tcfg)
+        return {k: float(v.detach()) for k, v in terms.items()}
+
+    def eval_step(self, batch: Batch) -> dict[str, float]:
+        return {k: float(v) for k, v in eval_step(self.model, self._tensors(batch), self.tcfg).items()}
+
+    def greedy(self, src: np.ndarray, *, max_new_tokens: int, bos_id: int, eos_id: int) -> np.ndarray:
+        src_t = torch.from_numpy(src).to(self.device, torch.long)
+        return greedy_decode(self.model, src_t, max_new_tokens=max_new_tokens, bos_id=bos_id, eos_id=eos_id).cpu().numpy()
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return {k: to_numpy(v) for k, v in self.model.state_dict().items()}
+
+    def export_state(self, step: int) -> TrainState:
+        """Weights, Adam moments (canonical names, tied names repeated) and the dropout RNG after `step` updates."""
+        names = dict(self.model.named_parameters(remove_duplicate=False))
+        moments = {"exp_avg": {}, "exp_avg_sq": {}}
+        for key in self.model.state_dict():
+            slot = self.optimizer.state.get(names[key], {})
+            for moment, arrays in moments.items():
+                arrays[key] = to_numpy(slot[moment]) if moment in slot else np.zeros(tuple(names[key].shape),
+                                                                                      to_numpy(names[key]).dtype)
+        return TrainState(step=step, weights=self.weights(), exp_avg=moments["exp_avg"],
+                          exp_avg_sq=moments["exp_avg_sq"], rng={"torch": torch.get_rng_state().numpy()})
+
+    def load_state(self, state: TrainState) -> None:
+        """Continue exactly where `state` stopped (it may come from either framework)."""
+        dtype = next(self.model.parameters()).dtype
+        self.model.load_state_dict({k: to_torch(v) for k, v in state.weights.items()})
+        names = dict(self.model.named_parameters(remove_duplicate=False))
+        self.optimizer.state.clear()
+        if state.step:
+            for key, param in names.items():
+                self.optimizer.state[param] = {
+                    "step": torch.tensor(float(state.step)),
+                    "exp_avg": to_torch(state.exp_avg[key]).to(self.device, dtype),
+                    "exp_avg_sq": to_torch(state.exp_avg_sq[key]).to(self.device, dtype)}
+        self.schedule.last_epoch = state.step - 1
+        self.schedule.step()
+        if "torch" in state.rng:
+            torch.set_rng_state(torch.from_numpy(state.rng["torch"]))
