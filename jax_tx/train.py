@@ -71,7 +71,7 @@ def train_step(state: train_state.TrainState, batch: Mapping[str, jnp.ndarray], 
         return terms["loss"] / jnp.maximum(terms["tokens"], 1), terms
 
     grads, terms = jax.grad(loss_fn, has_aux=True)(state.params)
-    terms["grad_norm"] = optax.global_norm(grads)
+    terms["grad_norm"] = optax.tree.norm(grads)
     terms["lr"] = lr_schedule(cfg, tcfg)(state.step)
     return state.apply_gradients(grads=grads), terms
 

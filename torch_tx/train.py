@@ -44,6 +44,11 @@ def make_optimizer(model: Transformer, tcfg: TrainConfig) -> tuple[torch.optim.A
     return optimizer, schedule
 
 
+def restart_schedule(schedule: torch.optim.lr_scheduler.LambdaLR, step: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The same schedule positioned so that the next update is number `step` (0-based)."""
+    return torch.optim.lr_scheduler.LambdaLR(schedule.optimizer, schedule.lr_lambdas[0], last_epoch=step - 1)
+
+
 def clip_by_global_norm_(parameters, max_norm: float) -> torch.Tensor:
     """Scale all gradients by max_norm / norm when their global norm exceeds max_norm; return the norm.
 
@@ -157,7 +162,6 @@ class Trainer:
                     "step": torch.tensor(float(state.step)),
                     "exp_avg": to_torch(state.exp_avg[key]).to(self.device, dtype),
                     "exp_avg_sq": to_torch(state.exp_avg_sq[key]).to(self.device, dtype)}
-        self.schedule.last_epoch = state.step - 1
-        self.schedule.step()
+        self.schedule = restart_schedule(self.schedule, state.step)
         if "torch" in state.rng:
             torch.set_rng_state(torch.from_numpy(state.rng["torch"]))
