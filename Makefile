@@ -1,4 +1,5 @@
-# `make demo`: set up .venv and run the main job (the cross-framework parity check on random configs).
+# `make demo`: set up .venv and run the main job: train the small model on the embedded English -> French
+#   numbers corpus (PyTorch; DEMO_FRAMEWORK=jax for JAX), then translate the test split (exact match).
 # `make test`: set up .venv and run the test suite (Hypothesis profile `ci`; HYPOTHESIS_PROFILE=dev for more).
 PYTHON ?= python3
 VENV := .venv
@@ -15,8 +16,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
+DEMO_FRAMEWORK ?= torch
+DEMO_OUT ?= runs/demo
+
 demo: setup
-	$(VENV)/bin/twin parity --configs 4
+	rm -rf $(DEMO_OUT)
+	$(VENV)/bin/twin train --framework $(DEMO_FRAMEWORK) --data builtin --config small --out $(DEMO_OUT)
 
 test: setup
 	JAX_PLATFORMS=$${JAX_PLATFORMS-cpu} $(PY) -m pytest -q tests

@@ -13,7 +13,11 @@ training steps, float32 on CPU, dropout 0.1 on, in one process:
   same jitted pure `train_step(state, batch, rng)` for both models (state donated, optax.adam,
   dropout key `fold_in(rng, step)`).
 
-All four models train on the same numpy batches (fixed seed, random right-padding). Warm-up steps
+- trainers: `torch_tx.train.Trainer` and `jax_tx.train.Trainer`, the steps `twin train` runs (label
+  smoothing 0.1, global-norm clipping, the warmup schedule, metrics fetched to the host every step),
+  on the twins, compared with the same peers.
+
+All six train on the same numpy batches (fixed seed, random right-padding). Warm-up steps
 (JAX compilation, torch's first allocations) are not timed. Then each model runs `--steps` steps,
 `--repeats` times, the models taking turns (order reversed every repetition), and the fastest
 repetition counts. ratio = twin tokens/s / peer tokens/s: below 1, the twin is slower.
@@ -56,8 +60,12 @@ from flax.training import train_state  # noqa: E402
 from torch import nn as tnn  # noqa: E402
 
 import jax_tx  # noqa: E402
+import jax_tx.train as jax_train  # noqa: E402
 import torch_tx  # noqa: E402
+import torch_tx.train as torch_train  # noqa: E402
+from parity.batching import Batch as TrainBatch  # noqa: E402
 from parity.config import TransformerConfig  # noqa: E402
+from parity.train import TrainConfig  # noqa: E402
 from parity.numerics import sinusoidal_table  # noqa: E402
 
 PAD = 0
@@ -273,6 +281,21 @@ class JaxRunner:
         return float(metrics["loss"])
 
 
+class TrainerRunner:
+    """A `twin train` trainer (torch_tx.train.Trainer or jax_tx.train.Trainer) stepping through the batches."""
+
+    def __init__(self, trainer_class: type, cfg: TransformerConfig, batches: list[Batch], seed: int):
+        self.trainer = trainer_class(cfg, TrainConfig(seed=seed))
+        self.data = [TrainBatch(b.src.astype(np.int32), b.tgt_in.astype(np.int32), b.labels.astype(np.int32),
+                                pad_id=PAD) for b in batches]
+
+    def run(self, steps: int) -> float:
+        metrics = None
+        for i in range(steps):
+            metrics = self.trainer.train_step(self.data[i % len(self.data)])
+        return float(metrics["loss"]) / float(metrics["tokens"])
+
+
 @dataclass(frozen=True)
 class Entry:
     name: str
@@ -281,9 +304,11 @@ class Entry:
     runner: Runner
 
 
-def build_entries(cfg: TransformerConfig, batches: list[Batch], seed: int) -> list[Entry]:
+def build_entries(cfg: TransformerConfig, batches: list[Batch], seed: int, trainers: bool = True) -> list[Entry]:
     torch.manual_seed(seed)
-    return [
+    extra = [Entry("torch_tx trainer", "torch", "twin", TrainerRunner(torch_train.Trainer, cfg, batches, seed)),
+             Entry("jax_tx trainer", "jax", "twin", TrainerRunner(jax_train.Trainer, cfg, batches, seed))]
+    return (extra if trainers else []) + [
         Entry("torch_tx.Transformer", "torch", "twin", TorchRunner(torch_tx.Transformer(cfg), batches)),
         Entry("torch.nn.Transformer", "torch", "peer", TorchRunner(TorchPeer(cfg), batches)),
         Entry("jax_tx.Transformer", "jax", "twin", JaxRunner(jax_tx.Transformer(cfg), batches, seed)),
@@ -338,7 +363,7 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
     for i, header in enumerate(headers):
         table.add_column(header, justify="left" if i == 1 else "right", no_wrap=True)
     for i, line in enumerate(cells):
-        table.add_row(*line, end_section=i % 4 == 3)
+        table.add_row(*line, end_section=i + 1 < len(rows) and rows[i + 1]["d_model"] != rows[i]["d_model"])
     Console().print(table)
 
 
@@ -356,6 +381,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: d_model 128, 1 layer, batch 4, lengths 16, 3 steps, 1 warm-up, 1 repetition")
+    parser.add_argument("--no-trainers", action="store_true", help="leave out the `twin train` trainers")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write settings, environment and results here")
     args = parser.parse_args(argv)
     if args.quick:
@@ -381,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     for d_model in args.d_model:
         cfg = config_for(args, d_model)
-        entries = build_entries(cfg, batches, args.seed)
+        entries = build_entries(cfg, batches, args.seed, trainers=not args.no_trainers)
         times = measure(entries, args.steps, args.warmup, args.repeats)
         speed = {e.name: tokens / min(times[e.name]) for e in entries}
         peers = {e.framework: e.name for e in entries if e.role == "peer"}

@@ -137,9 +137,10 @@ class Trainer:
     def _arrays(self, batch: Batch) -> dict[str, jnp.ndarray]:
         return {name: jax.device_put(getattr(batch, name), self.device) for name in ("src", "tgt_in", "labels")}
 
-    def train_step(self, batch: Batch) -> dict[str, float]:
+    def train_step(self, batch: Batch) -> dict[str, jax.Array]:
+        """One update; the metrics are device scalars, not waited for (`float()` them when needed)."""
         self.train_state, terms = self._train_step(self.train_state, self._arrays(batch), self.rng)
-        return {k: float(v) for k, v in jax.device_get(terms).items()}
+        return terms
 
     def eval_step(self, batch: Batch) -> dict[str, float]:
         return {k: float(v) for k, v in jax.device_get(self._eval_step(self.train_state, self._arrays(batch))).items()}
@@ -153,9 +154,9 @@ class Trainer:
 
     def export_state(self, step: int) -> TrainState:
         """Weights, Adam moments (canonical names, tied names repeated) after `step` updates."""
-        adam = _adam_state(self.train_state.opt_state)
-        return TrainState(step=step, weights=self.weights(), exp_avg=flax_to_canonical(jax.device_get(adam.mu), self.cfg),
-                          exp_avg_sq=flax_to_canonical(jax.device_get(adam.nu), self.cfg))
+        mu, nu = (jax.device_get(optax.tree_utils.tree_get(self.train_state.opt_state, name)) for name in ("mu", "nu"))
+        return TrainState(step=step, weights=self.weights(), exp_avg=flax_to_canonical(mu, self.cfg),
+                          exp_avg_sq=flax_to_canonical(nu, self.cfg))
 
     def load_state(self, state: TrainState) -> None:
         """Continue exactly where `state` stopped (it may come from either framework)."""
@@ -166,8 +167,3 @@ class Trainer:
         opt_state = jax.tree_util.tree_map(jnp.copy, opt_state)  # one buffer per leaf: the step donates them
         self.train_state = self.train_state.replace(step=state.step, params=params, opt_state=opt_state)
 
-
-def _adam_state(opt_state) -> optax.ScaleByAdamState:
-    found = [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
-             if isinstance(s, optax.ScaleByAdamState)]
-    return found[0]

@@ -10,8 +10,32 @@ from typing import Any
 ACTIVATIONS = ("relu", "gelu")
 
 
+class DictFields:
+    """`replace`, `to_dict` and a strict `from_dict` (unknown and missing keys named) for frozen dataclasses."""
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        if not isinstance(data, dict):
+            raise ValueError(f"a config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.name not in data and f.default is dataclasses.MISSING)
+        if missing:
+            raise ValueError(f"missing config keys: {', '.join(missing)}")
+        return cls(**data)
+
+
 @dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(DictFields):
     """Hyper-parameters of the encoder-decoder Transformer. Variants by `.replace(...)`.
 
     `final_norm`: a LayerNorm after the last encoder and decoder layer (torch.nn.Transformer has one).
@@ -74,26 +98,6 @@ class TransformerConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
-
-    def replace(self, **changes: Any) -> "TransformerConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TransformerConfig":
-        if not isinstance(data, dict):
-            raise ValueError(f"a config must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
-        missing = sorted(f.name for f in dataclasses.fields(cls)
-                         if f.name not in data and f.default is dataclasses.MISSING)
-        if missing:
-            raise ValueError(f"missing config keys: {', '.join(missing)}")
-        return cls(**data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"

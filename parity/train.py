@@ -18,7 +18,6 @@ moments are stored in canonical layout, so a run saved by one framework resumes 
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import io
 import json
@@ -35,11 +34,11 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from parity.batching import Batcher, Position
-from parity.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, CheckpointError, atomic_write_bytes, load_checkpoint,
+from parity.checkpoint import (CONFIG_FILE, CheckpointError, atomic_write_bytes, load_checkpoint,
                                load_config, save_checkpoint)
-from parity.config import TransformerConfig
+from parity.config import DictFields, TransformerConfig
 from parity.convert import ConversionError, check_canonical
-from parity.data import Corpus, DataError, load_corpus
+from parity.data import DataError, load_corpus
 from parity.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError, train_tokenizer
 
 FRAMEWORKS = ("torch", "jax")
@@ -63,7 +62,7 @@ class TrainError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(DictFields):
     """Optimization and bookkeeping settings of a run (the model's are in TransformerConfig).
 
     lr = lr_factor * d_model^-0.5 * min(step^-0.5, step * warmup_steps^-1.5), step counted from 1
@@ -88,26 +87,14 @@ class TrainConfig:
     keep: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("steps", "max_tokens", "warmup_steps", "vocab_size", "bucket_step", "log_every",
-                     "eval_every", "save_every", "keep"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        rules = {**dict.fromkeys(("steps", "max_tokens", "warmup_steps", "vocab_size", "bucket_step", "log_every",
+                                  "eval_every", "save_every", "keep"), (lambda v: v >= 1, "at least 1")),
+                 **dict.fromkeys(("lr_factor", "clip_norm", "adam_eps"), (lambda v: v > 0, "positive")),
+                 "label_smoothing": (lambda v: 0.0 <= v < 1.0, "in [0, 1)")}
+        for name, (ok, what) in rules.items():
+            if not ok(getattr(self, name)):
+                raise ValueError(f"{name} must be {what}, got {getattr(self, name)}")
         object.__setattr__(self, "betas", tuple(self.betas))
-
-    def replace(self, **changes: Any) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown TrainConfig keys: {sorted(unknown)}")
-        return cls(**d)
 
 
 def learning_rate(step, *, d_model: int, tcfg: TrainConfig, minimum: Callable = min):
@@ -263,26 +250,48 @@ def plot_losses(run_dir: Path, records: list[dict[str, Any]]) -> None:
 # ------------------------------------------------------------------------------------- the run
 
 class _Window:
-    """Token-weighted averages of the step metrics since the last log record."""
+    """The step metrics since the last log record. They stay framework scalars until `settle` (so JAX
+    steps run ahead asynchronously), which converts them, checks the loss and sums them token-weighted."""
 
-    def __init__(self) -> None:
+    def __init__(self, step: int) -> None:
+        self.pending: list[Mapping[str, Any]] = []
         self.sums: dict[str, float] = {}
-        self.steps, self.seconds = 0, 0.0
+        self.first, self.steps, self.start, self.excluded = step, 0, time.perf_counter(), 0.0
 
-    def add(self, metrics: Mapping[str, float], seconds: float) -> None:
-        for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.steps += 1
-        self.seconds += seconds
+    def add(self, metrics: Mapping[str, Any]) -> None:
+        self.pending.append(metrics)
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent on evaluation or checkpoints, not counted in tokens/s."""
+        self.excluded += seconds
+
+    def settle(self) -> None:
+        """Raise _NonFinite(step, loss) at the first non-finite loss; else fold the pending steps in."""
+        for metrics in self.pending:
+            values = {k: float(v) for k, v in metrics.items()}
+            self.first, self.steps = self.first + 1, self.steps + 1
+            if not math.isfinite(values["loss"]):
+                raise _NonFinite(self.first, values["loss"])
+            for k, v in values.items():
+                self.sums[k] = self.sums.get(k, 0.0) + v
+        self.pending = []
 
     def record(self, step: int) -> dict[str, Any]:
+        self.settle()
         s, tokens = self.sums, max(self.sums["tokens"], 1.0)
+        seconds = time.perf_counter() - self.start - self.excluded
         record = {"step": step, "split": "train", "loss": s["loss"] / tokens, "nll": s["nll"] / tokens,
                   "ppl": math.exp(min(s["nll"] / tokens, 700.0)), "accuracy": s["correct"] / tokens,
                   "lr": s["lr"] / self.steps, "grad_norm": s["grad_norm"] / self.steps,
-                  "tokens": int(s["tokens"]), "tokens_per_s": s["tokens"] / max(self.seconds, 1e-9)}
-        self.__init__()
+                  "tokens": int(s["tokens"]), "tokens_per_s": s["tokens"] / max(seconds, 1e-9)}
+        self.__init__(step)
         return record
+
+
+class _NonFinite(Exception):
+    def __init__(self, step: int, loss: float) -> None:
+        super().__init__(step, loss)
+        self.step, self.loss = step, loss
 
 
 def summarize(sums: Mapping[str, float], step: int, split: str) -> dict[str, Any]:
@@ -302,15 +311,18 @@ def evaluate(trainer, batcher: Batcher, step: int, split: str = "valid") -> dict
 
 
 def translate(trainer, tokenizer: Tokenizer, texts: list[str], max_len: int, batch_size: int = 256) -> list[str]:
-    """Greedy translations of `texts` (sources longer than max_len - 1 tokens are truncated)."""
+    """Greedy translations of `texts`, at most 2 * source length + 10 tokens each (sources longer than
+    max_len - 1 tokens are truncated)."""
     out = []
     encoded = tokenizer.encode(texts)
     for start in range(0, len(texts), batch_size):
         chunk = [np.append(ids[:max_len - 1], tokenizer.eos_id) for ids in encoded[start:start + batch_size]]
-        src = np.full((len(chunk), max(len(c) for c in chunk)), tokenizer.pad_id, dtype=np.int32)  # [B, S]
+        length = min(-(-max(len(c) for c in chunk) // 8) * 8, max_len)  # a multiple of 8: few shapes to compile
+        src = np.full((len(chunk), length), tokenizer.pad_id, dtype=np.int32)  # [B, S]
         for row, ids in enumerate(chunk):
             src[row, :len(ids)] = ids
-        tokens = trainer.greedy(src, max_new_tokens=max_len - 1, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+        tokens = trainer.greedy(src, max_new_tokens=min(max_len - 1, 2 * src.shape[1] + 10), bos_id=tokenizer.bos_id,
+                                eos_id=tokenizer.eos_id)
         out += [tokenizer.decode(row) for row in tokens]
     return out
 
@@ -464,40 +476,44 @@ def run(framework: str, data: str, out: str | os.PathLike, *, model: str | Trans
         with open(out / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    window, last_saved, last = _Window(), resume_from, {}
+    window, last_saved, last = _Window(step), resume_from, {}
     bar = _progress(progress, tcfg.steps, step)
     with _StopOnSigint() as stop:
         stream = train_batches.stream(position)
-        while step < tcfg.steps and not stop.requested:
-            following, batch = next(stream)
-            start = time.perf_counter()
-            metrics = trainer.train_step(batch)
-            seconds = time.perf_counter() - start
-            if not math.isfinite(metrics["loss"]):
-                bar.close()
-                kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved"
-                raise TrainError(f"loss became {metrics['loss']} at step {step + 1}; stopped, {kept}")
-            step, position = step + 1, following
-            window.add(metrics, seconds)
-            bar.update(1)
-            if step % tcfg.log_every == 0 or step == tcfg.steps:
-                last["train"] = window.record(step)
-                log(last["train"])
-                bar.set_postfix(loss=f"{last['train']['loss']:.3f}", lr=f"{last['train']['lr']:.2e}",
-                                tok_s=f"{last['train']['tokens_per_s']:,.0f}")
-            if step % tcfg.eval_every == 0 or step == tcfg.steps:
-                last["valid"] = evaluate(trainer, valid_batches, step)
-                log(last["valid"])
-                plot_losses(out, records)
-            if step % tcfg.save_every == 0 or step == tcfg.steps:
-                last_saved = checkpoint()
-        bar.close()
+        try:
+            while step < tcfg.steps and not stop.requested:
+                following, batch = next(stream)
+                window.add(trainer.train_step(batch))
+                step, position = step + 1, following
+                bar.update(1)
+                if step % tcfg.log_every == 0 or step == tcfg.steps:
+                    last["train"] = window.record(step)
+                    log(last["train"])
+                    bar.set_postfix(loss=f"{last['train']['loss']:.3f}", lr=f"{last['train']['lr']:.2e}",
+                                    tok_s=f"{last['train']['tokens_per_s']:,.0f}")
+                start = time.perf_counter()
+                if step % tcfg.eval_every == 0 or step == tcfg.steps:
+                    window.settle()
+                    last["valid"] = evaluate(trainer, valid_batches, step)
+                    log(last["valid"])
+                    plot_losses(out, records)
+                if step % tcfg.save_every == 0 or step == tcfg.steps or stop.requested:
+                    window.settle()
+                    last_saved = checkpoint()
+                window.exclude(time.perf_counter() - start)
+        except _NonFinite as e:
+            kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved"
+            raise TrainError(f"loss became {e.loss} at step {e.step}; stopped, {kept}") from None
+        finally:
+            bar.close()
         if stop.requested:
-            last_saved = checkpoint()
             echo(f"interrupted at step {step}: saved {last_saved}; continue with --resume")
             return {**last, "interrupted": True}
     if records:
         plot_losses(out, records)
+    if "valid" in last:
+        echo(f"step {step}: validation loss {last['valid']['loss']:.4f}, perplexity {last['valid']['ppl']:.3f}, "
+             f"token accuracy {last['valid']['accuracy']:.2%}")
     if test_limit != 0:
         pairs = corpus.test[:test_limit]
         hypotheses = translate(trainer, tokenizer, [p[0] for p in pairs], cfg.max_len)

@@ -104,7 +104,7 @@ def _train_both(cfg, tcfg, weights, batches, dtype):
     for batch in batches:
         for name, trainer in trainers.items():
             m = trainer.train_step(batch)
-            curves[name].append(m["loss"] / m["tokens"])
+            curves[name].append(float(m["loss"]) / float(m["tokens"]))
     return trainers, {name: np.array(c) for name, c in curves.items()}
 
 

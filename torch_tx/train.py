@@ -124,9 +124,10 @@ class Trainer:
         return {name: torch.from_numpy(getattr(batch, name)).to(self.device, torch.long)
                 for name in ("src", "tgt_in", "labels")}
 
-    def train_step(self, batch: Batch) -> dict[str, float]:
+    def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """One update; the metrics are scalar tensors (`float()` them when needed)."""
         terms = train_step(self.model, self.optimizer, self.schedule, self._tensors(batch), self.tcfg)
-        return {k: float(v.detach()) for k, v in terms.items()}
+        return {k: v.detach() for k, v in terms.items()}
 
     def eval_step(self, batch: Batch) -> dict[str, float]:
         return {k: float(v) for k, v in eval_step(self.model, self._tensors(batch), self.tcfg).items()}
