@@ -82,8 +82,8 @@ class TrainConfig(DictFields):
     vocab_size: int = 1000
     bucket_step: int = 8
     log_every: int = 20
-    eval_every: int = 500
-    save_every: int = 500
+    eval_every: int = 200
+    save_every: int = 400
     keep: int = 3
 
     def __post_init__(self) -> None:
@@ -225,22 +225,24 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def plot_losses(run_dir: Path, records: list[dict[str, Any]]) -> None:
-    """loss.png: training and validation loss against step (matplotlib, written atomically)."""
+    """loss.png: training and validation loss (smoothed, and plain nll) against step (matplotlib, atomic)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for split, style in (("train", "-"), ("valid", "o-")):
-        points = [(r["step"], r["loss"]) for r in records if r["split"] == split]
-        if points:
-            ax.plot(*zip(*points), style, label=f"{split} loss", markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("label-smoothed cross-entropy")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in zip(axes, ("loss", "nll"), ("label-smoothed cross-entropy", "cross-entropy (nll)")):
+        for split, style in (("train", "-"), ("valid", "o-")):
+            points = [(r["step"], r[key]) for r in records if r["split"] == split]
+            if points:
+                ax.plot(*zip(*points), style, label=split, markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)

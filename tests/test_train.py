@@ -247,3 +247,20 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
     monkeypatch.setattr(tt.Trainer, "train_step", step_fn)
     _run("torch", tmp_path / "run", 12, resume=True)
     assert checkpoint_dirs(tmp_path / "run")[-1].name == "step_0000012"
+
+
+def test_model_config_presets_and_files(tmp_path):
+    base = model_config("base", 100)
+    assert (base.d_model, base.num_encoder_layers, base.src_vocab_size, base.tgt_vocab_size) == (512, 6, 100, 100)
+    (tmp_path / "m.json").write_text(json.dumps({"d_model": 64, "num_heads": 4, "norm_first": True}))
+    cfg = model_config(str(tmp_path / "m.json"), 50)
+    assert (cfg.d_model, cfg.num_heads, cfg.norm_first, cfg.tgt_vocab_size) == (64, 4, True, 50)
+    (tmp_path / "bad.json").write_text("{oops")
+    with pytest.raises(TrainError, match="bad.json: not valid JSON"):
+        model_config(str(tmp_path / "bad.json"), 50)
+    (tmp_path / "typo.json").write_text(json.dumps({"d_modle": 64}))
+    with pytest.raises(TrainError, match="unknown config keys: d_modle"):
+        model_config(str(tmp_path / "typo.json"), 50)
+    (tmp_path / "heads.json").write_text(json.dumps({"d_model": 64, "num_heads": 5}))
+    with pytest.raises(TrainError, match=r"d_model \(64\) must be divisible by num_heads \(5\)"):
+        model_config(str(tmp_path / "heads.json"), 50)
