@@ -30,14 +30,16 @@ def loss_terms(logits: jnp.ndarray, labels: jnp.ndarray, pad_id: int, smoothing:
     """Sums over non-pad labels: smoothed loss, nll, correct argmax, token count (scalars).
 
     Smoothed loss per token = (1 - smoothing) * nll + smoothing * mean over the vocabulary of -log p,
-    as `optax.smooth_labels` and `F.cross_entropy(label_smoothing=...)` define it.
+    as `optax.smooth_labels` and `F.cross_entropy(label_smoothing=...)` define it; computed from
+    logsumexp without materializing log p: -log p_i = lse - logit_i.
     """
-    logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), -1)  # [B, T, V]
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # [B, T, V]
+    lse = jax.nn.logsumexp(logits, -1)  # [B, T]
     mask = labels != pad_id  # [B, T]
-    nll = -jnp.take_along_axis(logp, labels[..., None], -1)[..., 0]  # [B, T]
-    loss = (1.0 - smoothing) * nll - smoothing * logp.mean(-1)  # [B, T]
+    nll = lse - jnp.take_along_axis(logits, labels[..., None], -1)[..., 0]  # [B, T]
+    loss = (1.0 - smoothing) * nll + smoothing * (lse - logits.mean(-1))  # [B, T]
     return {"loss": (loss * mask).sum(), "nll": (nll * mask).sum(),
-            "correct": ((logp.argmax(-1) == labels) & mask).sum(), "tokens": mask.sum()}
+            "correct": ((logits.argmax(-1) == labels) & mask).sum(), "tokens": mask.sum()}
 
 
 def lr_schedule(cfg: TransformerConfig, tcfg: TrainConfig) -> optax.Schedule:

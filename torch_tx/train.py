@@ -11,7 +11,6 @@ from typing import Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from parity.batching import Batch
 from parity.config import TransformerConfig
@@ -26,14 +25,16 @@ def loss_terms(logits: torch.Tensor, labels: torch.Tensor, pad_id: int, smoothin
     """Sums over non-pad labels: smoothed loss, nll, correct argmax, token count (scalars).
 
     Smoothed loss per token = (1 - smoothing) * nll + smoothing * mean over the vocabulary of -log p,
-    as `F.cross_entropy(label_smoothing=...)` and `optax.smooth_labels` define it.
+    as `F.cross_entropy(label_smoothing=...)` and `optax.smooth_labels` define it; computed from
+    logsumexp without materializing log p: -log p_i = lse - logit_i.
     """
-    logp = F.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, -1)  # [B, T, V]
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits  # [B, T, V]
+    lse = torch.logsumexp(logits, -1)  # [B, T]
     mask = labels != pad_id  # [B, T]
-    nll = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # [B, T]
-    loss = (1.0 - smoothing) * nll - smoothing * logp.mean(-1)  # [B, T]
+    nll = lse - logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # [B, T]
+    loss = (1.0 - smoothing) * nll + smoothing * (lse - logits.mean(-1))  # [B, T]
     return {"loss": (loss * mask).sum(), "nll": (nll * mask).sum(),
-            "correct": ((logp.argmax(-1) == labels) & mask).sum(), "tokens": mask.sum()}
+            "correct": ((logits.argmax(-1) == labels) & mask).sum(), "tokens": mask.sum()}
 
 
 def make_optimizer(model: Transformer, tcfg: TrainConfig) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
