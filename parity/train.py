@@ -164,7 +164,7 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 def save_training_checkpoint(run_dir: Path, cfg: TransformerConfig, state: TrainState, meta: Mapping[str, Any],
                              keep: int) -> Path:
     """Write checkpoints/step_N whole (temp dir, fsync, rename), refresh the top-level weights, prune to `keep`."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -175,9 +175,7 @@ def save_training_checkpoint(run_dir: Path, cfg: TransformerConfig, state: Train
         arrays = {f"{moment}.{k}": np.ascontiguousarray(v) for moment in MOMENTS
                   for k, v in getattr(state, moment).items()}
         arrays.update({f"rng.{k}": np.ascontiguousarray(v) for k, v in state.rng.items()})
-        save_file(arrays, str(tmp / OPTIMIZER_FILE))
-        with open(tmp / OPTIMIZER_FILE, "rb+") as f:
-            os.fsync(f.fileno())
+        atomic_write_bytes(tmp / OPTIMIZER_FILE, save(arrays))
         _write_json(tmp / STATE_FILE, {**meta, "step": state.step})
         _fsync_dir(tmp)
         if final.exists():
@@ -280,12 +278,10 @@ class _Window:
 
     def record(self, step: int) -> dict[str, Any]:
         self.settle()
-        s, tokens = self.sums, max(self.sums["tokens"], 1.0)
         seconds = time.perf_counter() - self.start - self.excluded
-        record = {"step": step, "split": "train", "loss": s["loss"] / tokens, "nll": s["nll"] / tokens,
-                  "ppl": math.exp(min(s["nll"] / tokens, 700.0)), "accuracy": s["correct"] / tokens,
-                  "lr": s["lr"] / self.steps, "grad_norm": s["grad_norm"] / self.steps,
-                  "tokens": int(s["tokens"]), "tokens_per_s": s["tokens"] / max(seconds, 1e-9)}
+        record = {**summarize(self.sums, step, "train"), "lr": self.sums["lr"] / self.steps,
+                  "grad_norm": self.sums["grad_norm"] / self.steps,
+                  "tokens_per_s": self.sums["tokens"] / max(seconds, 1e-9)}
         self.__init__(step)
         return record
 
@@ -414,27 +410,22 @@ def run(framework: str, data: str, out: str | os.PathLike, *, model: str | Trans
     init_weights, meta = None, {}
     try:
         if resume_from is not None:
-            tokenizer = Tokenizer.load(out / TOKENIZER_FILE)
-            cfg = load_config(out)
+            tokenizer, spec = Tokenizer.load(out / TOKENIZER_FILE), load_config(out)
             saved = json.loads((out / TRAIN_CONFIG_FILE).read_text())
             tcfg = TrainConfig.from_dict({**saved["train"], "steps": tcfg.steps})
-        elif init_from is not None:
-            init_cfg, init_weights = load_checkpoint(init_from)
-            source = Path(init_from) / TOKENIZER_FILE
-            tokenizer = Tokenizer.load(source) if source.is_file() else train_tokenizer(
-                (s for pair in corpus.train for s in pair), vocab_size=tcfg.vocab_size)
-            cfg = model_config(init_cfg, tokenizer.vocab_size)
         else:
-            tokenizer = train_tokenizer((s for pair in corpus.train for s in pair), vocab_size=tcfg.vocab_size)
-            cfg = model_config(model, tokenizer.vocab_size)
+            spec, shipped = model, None
+            if init_from is not None:
+                spec, init_weights = load_checkpoint(init_from)
+                shipped = Path(init_from) / TOKENIZER_FILE
+            tokenizer = (Tokenizer.load(shipped) if shipped is not None and shipped.is_file() else
+                         train_tokenizer((s for pair in corpus.train for s in pair), vocab_size=tcfg.vocab_size))
+        cfg = model_config(spec, tokenizer.vocab_size)
         if dropout is not None and resume_from is None:
             cfg = cfg.replace(dropout=dropout)
     except (CheckpointError, TokenizerError, OSError, KeyError, ValueError) as e:
         raise TrainError(str(e)) from None
     if resume_from is not None:
-        if cfg.src_vocab_size != tokenizer.vocab_size or cfg.tgt_vocab_size != tokenizer.vocab_size:
-            raise TrainError(f"vocabulary mismatch: {out / CONFIG_FILE} has vocab sizes ({cfg.src_vocab_size}, "
-                             f"{cfg.tgt_vocab_size}) but {out / TOKENIZER_FILE} has {tokenizer.vocab_size} tokens")
         try:
             state, meta = load_training_checkpoint(resume_from, cfg)
         except CheckpointError as e:
