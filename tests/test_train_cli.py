@@ -48,18 +48,21 @@ def test_one_short_run_has_everything(torch_run):
     assert json.loads((torch_run / "train_config.json").read_text())["framework"] == "torch"
 
 
-def test_jax_continues_from_a_torch_checkpoint(torch_run, tmp_path):
-    """--init-from carries weights and tokenizer across: with a negligible lr, the JAX run's validation loss
-    is the torch run's."""
-    out = tmp_path / "jax"
-    result = twin("train", "--framework", "jax", "--init-from", str(torch_run), "--out", str(out), "--steps", "1",
-                  "--lr-factor", "1e-12", "--test-limit", "0", *SMALL)
-    assert result.returncode == 0, result.stderr
-    assert (out / "tokenizer.json").read_bytes() == (torch_run / "tokenizer.json").read_bytes()
-    torch_valid = [r for r in read_metrics(torch_run) if r["split"] == "valid"][-1]
-    jax_valid = [r for r in read_metrics(out) if r["split"] == "valid"][-1]
-    assert jax_valid["loss"] == pytest.approx(torch_valid["loss"], rel=1e-5)
-    assert jax_valid["accuracy"] == pytest.approx(torch_valid["accuracy"], abs=1e-4)
+def test_init_from_crosses_frameworks_both_ways(torch_run, tmp_path):
+    """--init-from carries weights and tokenizer across: with a negligible lr, the JAX run started from the
+    torch run, and the torch run started from that JAX run, have the torch run's validation loss."""
+    reference = [r for r in read_metrics(torch_run) if r["split"] == "valid"][-1]
+    source = torch_run
+    for framework in ("jax", "torch"):
+        out = tmp_path / framework
+        result = twin("train", "--framework", framework, "--init-from", str(source), "--out", str(out), "--steps",
+                      "1", "--lr-factor", "1e-12", "--test-limit", "0", *SMALL)
+        assert result.returncode == 0, result.stderr
+        assert (out / "tokenizer.json").read_bytes() == (torch_run / "tokenizer.json").read_bytes()
+        valid = [r for r in read_metrics(out) if r["split"] == "valid"][-1]
+        assert valid["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+        assert valid["accuracy"] == pytest.approx(reference["accuracy"], abs=1e-4)
+        source = out
 
 
 def test_ctrl_c_saves_and_resumes(tmp_path):
