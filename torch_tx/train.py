@@ -143,13 +143,13 @@ class Trainer:
     def export_state(self, step: int) -> TrainState:
         """Weights, Adam moments (canonical names, tied names repeated) and the dropout RNG after `step` updates."""
         names = dict(self.model.named_parameters(remove_duplicate=False))
+        weights = self.weights()
         moments = {"exp_avg": {}, "exp_avg_sq": {}}
-        for key in self.model.state_dict():
+        for key in weights:
             slot = self.optimizer.state.get(names[key], {})
             for moment, arrays in moments.items():
-                arrays[key] = to_numpy(slot[moment]) if moment in slot else np.zeros(tuple(names[key].shape),
-                                                                                      to_numpy(names[key]).dtype)
-        return TrainState(step=step, weights=self.weights(), exp_avg=moments["exp_avg"],
+                arrays[key] = to_numpy(slot[moment]) if moment in slot else np.zeros_like(weights[key])
+        return TrainState(step=step, weights=weights, exp_avg=moments["exp_avg"],
                           exp_avg_sq=moments["exp_avg_sq"], rng={"torch": torch.get_rng_state().numpy()})
 
     def load_state(self, state: TrainState) -> None:
