@@ -1,0 +1,344 @@
+"""Decoding throughput of each twin's `generate` (KV cache) against the greedy loop of the PyTorch tutorials.
+
+Measured: generated tokens per second, float32 on CPU, no gradients, in one process, for a batch of
+`--batch` random source sentences (`--src-len` ids, each row right-padded from a random length in
+[S // 2, S]) and exactly `--new-tokens` new tokens per row:
+
+- peer: `TorchPeer` of benchmarks/bench_train.py (`torch.nn.Transformer(batch_first=True)` plus
+  scaled nn.Embedding, the sinusoidal table and an nn.Linear output layer), in eval mode under
+  `torch.inference_mode()`, decoded greedily the way the PyTorch tutorials do it: encode once, then
+  at every step run the decoder on the whole prefix `ys` (BOS + the tokens so far) with a causal
+  mask and the source padding mask, take the last position's argmax, append it; no cache, so step t
+  recomputes t positions. It stops early when every row has emitted EOS (never happens here, see
+  below). `torch.nn.Transformer` is measured with the MHA fast path off
+  (`torch.backends.mha.set_fastpath_enabled(False)`: the twins' numerics; the fast path uses nested
+  tensors for padded sources and changes the numbers) and, as a second row, on (PyTorch's default).
+  The twins' ratio is against the fast-path-off peer; the JSON also has the ratio against the other.
+- twins: `torch_tx.generate(model, src, ...)` and `jax_tx.generate(fmodel, params, src, ...)` as a
+  user calls them, both with their KV cache: greedy (the ratio to the peer), beam search
+  (`--beam-size` 4, length penalty 0.6) and sampling (temperature 1.0, top-k 50, a fixed seed), the
+  last two without a peer. The JAX result is fetched to the host (`np.asarray`) inside the timing.
+
+All four models carry the same weights: a random `torch_tx.Transformer` (seed `--seed`), converted
+to the peer (`parity.convert.to_nn_transformer` for the stacks, the embeddings and output layer
+copied) and to Flax (`parity.convert.torch_to_flax`). To force the same number of steps everywhere,
+the output bias of the pad (0), BOS (1) and EOS (2) ids is set to -1e4, so no decoder ever emits
+them (random logits are O(1)) and every row runs all `--new-tokens` steps; the script checks that
+each result has exactly that many columns and no pad/BOS/EOS, and fails otherwise. Token counts:
+greedy and sampling, batch x new tokens; beam search, batch x new tokens of the returned (best)
+hypothesis, although it computes `--beam-size` times as many positions. "ms/token step" is the time
+of one call divided by the number of new tokens (one step = one new token for every row).
+As a sanity check it prints how many greedy tokens each twin shares with the peer (random weights
+make near-ties common, and one differing argmax changes the rest of the row; no assertion).
+
+Warm-up calls (JAX compilation of each decoding mode, torch's first allocations) are not timed.
+Then each entry decodes the batch once per repetition, `--repeats` times, the entries taking turns
+(order reversed every repetition), and the fastest repetition counts. ratio = twin tokens/s / peer
+tokens/s: below 1, the twin is slower. spread = slowest / fastest repetition - 1; a large spread, or
+a load average above 0 before the run, means other processes shared the CPU.
+Model: `--layers` encoder and decoder layers each (default 2 + 2), heads d_model // 64, d_ff
+4 * d_model (256: 4 heads, d_ff 1024; 512: 8 heads, 2048), vocab 1000, post-LN, relu, batch 32,
+source 32, 64 new tokens. Thread counts are the frameworks' defaults.
+
+Target (issue 4, "Speed"): the twins' greedy decoding reaches at least 5x the peer's tokens/s at
+d_model 256 and 512 (64 new tokens: the peer's prefix recomputation costs about 65/2 times the
+positions of a cached step).
+
+Run from the repository root:
+    .venv/bin/python benchmarks/bench_decode.py            # d_model 256 and 512, a few minutes
+    .venv/bin/python benchmarks/bench_decode.py --quick    # smoke run, seconds
+    .venv/bin/python benchmarks/bench_decode.py --d-model 512 --repeats 5 --json bench_results/decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import flax  # noqa: E402
+import jax  # noqa: E402
+import torch  # noqa: E402
+from torch import nn as tnn  # noqa: E402
+
+import jax_tx  # noqa: E402
+import torch_tx  # noqa: E402
+from benchmarks.bench_train import TorchPeer  # noqa: E402
+from parity import convert  # noqa: E402
+from parity.config import TransformerConfig  # noqa: E402
+
+PAD, BOS, EOS = 0, 1, 2
+FORBIDDEN_BIAS = -1e4  # output bias of PAD, BOS and EOS: never emitted, every row runs every step
+NOISY = 1.25
+PEER = "torch.nn.Transformer"
+PEER_FAST = "torch.nn.Transformer, fast path"
+
+
+def make_sources(batch: int, src_len: int, vocab: int, seed: int) -> np.ndarray:
+    """(B, S) int64 ids in [3, vocab) (no pad/BOS/EOS), each row right-padded from a random length in [S // 2, S]."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(EOS + 1, vocab, size=(batch, src_len))  # [B, S]
+    keep = rng.integers(max(1, src_len // 2), src_len + 1, size=(batch, 1))  # [B, 1]
+    return np.where(np.arange(src_len) < keep, ids, PAD)  # [B, S]
+
+
+def build_models(cfg: TransformerConfig, seed: int) -> tuple[torch_tx.Transformer, TorchPeer, Any]:
+    """A random torch twin with pad/BOS/EOS forbidden, and the same weights as the peer and as Flax params."""
+    torch.manual_seed(seed)
+    twin = torch_tx.Transformer(cfg).eval()
+    with torch.no_grad():
+        twin.generator.bias[[PAD, BOS, EOS]] = FORBIDDEN_BIAS
+    state = {k: v.detach().clone() for k, v in twin.state_dict().items()}
+    peer = TorchPeer(cfg)
+    peer.transformer = convert.to_nn_transformer(state, cfg)
+    with torch.no_grad():
+        peer.src_embed.weight.copy_(state["src_embed.weight"])
+        peer.tgt_embed.weight.copy_(state["tgt_embed.weight"])
+        peer.generator.weight.copy_(state["generator.weight"])
+        peer.generator.bias.copy_(state["generator.bias"])
+    params = convert.torch_to_flax(state, cfg)
+    return twin, peer.eval(), params
+
+
+@torch.inference_mode()
+def tutorial_greedy(peer: TorchPeer, src: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """The tutorials' greedy loop, batched: src (B, S) -> (B, new_tokens) ids, pad after EOS; no cache."""
+    src_pad = src == PAD  # [B, S] True = pad
+    memory = peer.transformer.encoder(peer.embed(peer.src_embed, src), src_key_padding_mask=src_pad)  # [B, S, D]
+    ys = torch.full((src.shape[0], 1), BOS, dtype=torch.long)  # [B, 1]
+    done = torch.zeros(src.shape[0], dtype=torch.bool)  # [B]
+    for _ in range(new_tokens):
+        causal = tnn.Transformer.generate_square_subsequent_mask(ys.shape[1])  # [T, T] float, -inf above
+        out = peer.transformer.decoder(peer.embed(peer.tgt_embed, ys), memory, tgt_mask=causal,
+                                       memory_key_padding_mask=src_pad)  # [B, T, D]
+        next_ids = peer.generator(out[:, -1]).argmax(-1)  # [B]
+        next_ids = torch.where(done, PAD, next_ids)  # [B]
+        ys = torch.cat([ys, next_ids[:, None]], dim=1)  # [B, T + 1]
+        done |= next_ids == EOS
+        if bool(done.all()):
+            break
+    return ys[:, 1:]  # [B, n]
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str  # model
+    decoding: str
+    role: str  # "peer" or "twin"
+    ratio_to_peer: bool
+    run: Callable[[], np.ndarray]  # one decoding call -> (B, n) ids on the host
+
+
+def fastpath(enabled: bool, fn: Callable[[], torch.Tensor]) -> Callable[[], np.ndarray]:
+    def run() -> np.ndarray:
+        before = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(enabled)
+        try:
+            return fn().numpy()
+        finally:
+            torch.backends.mha.set_fastpath_enabled(before)
+    return run
+
+
+def build_entries(cfg: TransformerConfig, args: argparse.Namespace, src_np: np.ndarray) -> list[Entry]:
+    twin, peer, params = build_models(cfg, args.seed)
+    fmodel = jax_tx.Transformer(cfg)
+    src_t = torch.from_numpy(src_np)  # [B, S] int64
+    src_j = jax.device_put(src_np.astype(np.int32))  # [B, S] int32
+    n = args.new_tokens
+    modes = {"greedy, KV cache": dict(),
+             f"beam {args.beam_size}, KV cache": dict(beam_size=args.beam_size, length_penalty=0.6),
+             f"sample T={args.temperature:g} top-k {args.top_k}, KV cache":
+                 dict(temperature=args.temperature, top_k=args.top_k, seed=args.seed)}
+
+    def torch_run(kw: dict[str, Any]) -> Callable[[], np.ndarray]:
+        return lambda: torch_tx.generate(twin, src_t, max_new_tokens=n, bos_id=BOS, eos_id=EOS, **kw).numpy()
+
+    def jax_run(kw: dict[str, Any]) -> Callable[[], np.ndarray]:
+        return lambda: np.asarray(jax_tx.generate(fmodel, params, src_j, max_new_tokens=n, bos_id=BOS,
+                                                  eos_id=EOS, **kw))
+
+    entries = [Entry(PEER, "greedy, prefix recomputed", "peer", False,
+                     fastpath(False, lambda: tutorial_greedy(peer, src_t, n)))]
+    if args.peer_fast_path:
+        entries.append(Entry(PEER_FAST, "greedy, prefix recomputed", "peer", False,
+                             fastpath(True, lambda: tutorial_greedy(peer, src_t, n))))
+    for mode, kw in modes.items():
+        greedy = not kw
+        entries.append(Entry("torch_tx.generate", mode, "twin", greedy, torch_run(kw)))
+        entries.append(Entry("jax_tx.generate", mode, "twin", greedy, jax_run(kw)))
+    return entries
+
+
+def check_output(entry: Entry, out: np.ndarray, batch: int, new_tokens: int) -> None:
+    """Every row must have run all `new_tokens` steps: otherwise the token counts would differ between entries."""
+    if out.shape != (batch, new_tokens):
+        raise RuntimeError(f"{entry.name} ({entry.decoding}) returned shape {out.shape}, expected "
+                           f"{(batch, new_tokens)}: not every row decoded {new_tokens} tokens")
+    if np.isin(out, [PAD, BOS, EOS]).any():
+        raise RuntimeError(f"{entry.name} ({entry.decoding}) emitted pad, BOS or EOS although their logits "
+                           f"are {FORBIDDEN_BIAS:g} below the rest")
+
+
+def key(entry: Entry) -> str:
+    return f"{entry.name} | {entry.decoding}"
+
+
+def measure(entries: list[Entry], args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
+    """Warm every entry up, then time one call `repeats` times, taking turns; seconds per call, and the outputs."""
+    outputs: dict[str, np.ndarray] = {}
+    for entry in entries:
+        for _ in range(args.warmup):
+            outputs[key(entry)] = entry.run()
+        check_output(entry, outputs[key(entry)], args.batch, args.new_tokens)
+    times: dict[str, list[float]] = {key(e): [] for e in entries}
+    for rep in range(args.repeats):
+        for entry in entries if rep % 2 == 0 else entries[::-1]:
+            start = time.perf_counter()
+            out = entry.run()
+            times[key(entry)].append(time.perf_counter() - start)
+            check_output(entry, out, args.batch, args.new_tokens)
+    return times, outputs
+
+
+def config_for(args: argparse.Namespace, d_model: int) -> TransformerConfig:
+    return TransformerConfig(src_vocab_size=args.vocab, tgt_vocab_size=args.vocab, d_model=d_model,
+                             num_heads=max(1, d_model // 64), num_encoder_layers=args.layers,
+                             num_decoder_layers=args.layers, d_ff=4 * d_model, dropout=0.0,
+                             max_len=max(512, args.src_len, args.new_tokens + 1), pad_id=PAD)
+
+
+def environment() -> dict[str, Any]:
+    return {"python": platform.python_version(), "torch": torch.__version__, "jax": jax.__version__,
+            "flax": flax.__version__, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "jax_devices": [str(d) for d in jax.devices()], "platform": platform.platform(),
+            "load_average": os.getloadavg()}
+
+
+def print_table(rows: list[dict[str, Any]], title: str) -> None:
+    headers = ["d_model", "model", "decoding", "tokens/s", "ms/token step", "spread", "twin/peer"]
+    cells = [[str(r["d_model"]), r["model"], r["decoding"], f"{r['tokens_per_s']:,.0f}",
+              f"{r['ms_per_token_step']:.2f}", f"{max(r['seconds']) / min(r['seconds']) - 1:.0%}",
+              f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"] for r in rows]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+        print(title)
+        for line in [headers, ["-" * w for w in widths], *cells]:
+            print("  ".join(c.ljust(w) if i in (1, 2) else c.rjust(w)
+                            for i, (c, w) in enumerate(zip(line, widths))))
+        return
+    table = Table(title=title)
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="left" if i in (1, 2) else "right", no_wrap=True)
+    for i, line in enumerate(cells):
+        table.add_row(*line, end_section=i + 1 < len(rows) and rows[i + 1]["d_model"] != rows[i]["d_model"])
+    Console(width=max(120, Console().width)).print(table)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d-model", type=int, nargs="+", default=[256, 512], help="d_model values (default 256 512)")
+    parser.add_argument("--layers", type=int, default=2, help="encoder and decoder layers each (default 2)")
+    parser.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
+    parser.add_argument("--src-len", type=int, default=32, help="source length (default 32)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per row, forced (default 64)")
+    parser.add_argument("--vocab", type=int, default=1000, help="source and target vocabulary size (default 1000)")
+    parser.add_argument("--beam-size", type=int, default=4, help="beam search width (default 4)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    parser.add_argument("--top-k", type=int, default=50, help="sampling top-k (default 50)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls, at least 1 (default 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per entry, the fastest counts (default 3)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-peer-fast-path", dest="peer_fast_path", action="store_false",
+                        help="leave out the peer with PyTorch's MHA fast path on")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: d_model 64, 1 layer, batch 2, source 8, 4 new tokens, vocab 128, "
+                             "1 warm-up, 1 repetition")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write settings, environment and results here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.d_model, args.layers, args.batch, args.src_len, args.new_tokens, args.vocab = [64], 1, 2, 8, 4, 128
+        args.warmup, args.repeats = 1, 1
+    if args.warmup < 1 or args.repeats < 1 or args.new_tokens < 1 or args.beam_size < 1:
+        parser.error("--warmup, --repeats, --new-tokens and --beam-size must be at least 1")
+    if not 0 < args.top_k < args.vocab - 3:
+        parser.error(f"--top-k must be in [1, vocab - 3) = [1, {args.vocab - 3}) so that pad/BOS/EOS stay out of it")
+    if args.vocab <= EOS + 1:
+        parser.error("--vocab must leave ids beyond pad, BOS and EOS")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    wall_start = time.perf_counter()
+    env = environment()
+    print(f"torch {env['torch']} ({env['torch_threads']} threads), jax {env['jax']}, flax {env['flax']}, "
+          f"python {env['python']}, {env['cpu_count']} CPUs, jax devices {env['jax_devices']}, "
+          f"load average {env['load_average'][0]:.2f}")
+    print(f"float32 CPU, no grad, batch {args.batch}, src {args.src_len}, {args.new_tokens} new tokens forced "
+          f"(pad/BOS/EOS output bias {FORBIDDEN_BIAS:g}), vocab {args.vocab}, {args.layers}+{args.layers} layers; "
+          f"{args.warmup} warm-up call(s), best of {args.repeats}")
+    src = make_sources(args.batch, args.src_len, args.vocab, args.seed)  # [B, S]
+    tokens = args.batch * args.new_tokens
+    rows: list[dict[str, Any]] = []
+    agreement: list[dict[str, Any]] = []
+    for d_model in args.d_model:
+        cfg = config_for(args, d_model)
+        entries = build_entries(cfg, args, src)
+        times, outputs = measure(entries, args)
+        speed = {key(e): tokens / min(times[key(e)]) for e in entries}
+        peer, peer_fast = f"{PEER} | greedy, prefix recomputed", f"{PEER_FAST} | greedy, prefix recomputed"
+        for e in entries:
+            k = key(e)
+            rows.append({"d_model": d_model, "num_heads": cfg.num_heads, "d_ff": cfg.d_ff, "model": e.name,
+                         "decoding": e.decoding, "role": e.role, "tokens": tokens, "tokens_per_s": speed[k],
+                         "ms_per_token_step": 1000 * min(times[k]) / args.new_tokens,
+                         "ratio": speed[k] / speed[peer] if e.ratio_to_peer else None,
+                         "ratio_fast_path_peer": (speed[k] / speed[peer_fast]
+                                                  if e.ratio_to_peer and peer_fast in speed else None),
+                         "seconds": times[k]})
+        for name in ("torch_tx.generate", "jax_tx.generate", PEER_FAST):
+            k = f"{name} | {'greedy, prefix recomputed' if name == PEER_FAST else 'greedy, KV cache'}"
+            if k in outputs:
+                same = float((outputs[k] == outputs[peer]).mean())
+                agreement.append({"d_model": d_model, "model": name, "same_tokens_as_peer": same})
+    print_table(rows, f"Decoding throughput (generated tokens/s, higher is better; batch {args.batch}, "
+                      f"{args.new_tokens} new tokens)")
+    for a in agreement:
+        print(f"d_model {a['d_model']}: {a['model']} greedy tokens equal to {PEER}'s: {a['same_tokens_as_peer']:.1%}")
+    for r in rows:
+        if r["ratio_fast_path_peer"] is not None:
+            print(f"d_model {r['d_model']}: {r['model']} greedy vs {PEER_FAST}: {r['ratio_fast_path_peer']:.2f}x")
+    wall = time.perf_counter() - wall_start
+    noisy = [f"{r['model']} ({r['decoding']}) at d_model {r['d_model']}" for r in rows
+             if max(r["seconds"]) > NOISY * min(r["seconds"])]
+    if noisy:
+        print(f"noisy (slowest repetition over {NOISY:.2f}x the fastest): {', '.join(noisy)}")
+    print(f"wall time {wall:.1f} s, load average {env['load_average'][0]:.2f} before, "
+          f"{os.getloadavg()[0]:.2f} after")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        report = {"settings": settings, "environment": env, "tokens_per_call": tokens,
+                  "forbidden_bias": FORBIDDEN_BIAS, "wall_seconds": wall, "results": rows,
+                  "greedy_agreement": agreement}
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
