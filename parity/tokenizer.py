@@ -48,6 +48,18 @@ class Tokenizer:
         """Token ids of each text, no special tokens added: list of [L] int32."""
         return [np.asarray(e.ids, dtype=np.int32) for e in self.hf.encode_batch(list(texts))]
 
+    def unknown_characters(self, texts: Sequence[str]) -> list[list[str]]:
+        """The characters of each text that become <unk> (unique, in order of appearance)."""
+        found = []
+        for text, e in zip(texts, self.hf.encode_batch(list(texts))):
+            chars = [text[a:b] for i, (a, b) in zip(e.ids, e.offsets) if i == self.unk_id]
+            found.append(list(dict.fromkeys(c for c in chars if c)))
+        return found
+
+    def token_strings(self, ids: Iterable[int]) -> list[str]:
+        """The vocabulary string of each id (e.g. '▁one'), special tokens included."""
+        return [self.hf.id_to_token(int(i)) or f"<{int(i)}?>" for i in ids]
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text of the ids up to the first <eos>, skipping <pad> and <bos>."""
         kept = []
