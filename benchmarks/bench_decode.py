@@ -11,8 +11,9 @@ Measured: generated tokens per second, float32 on CPU, no gradients, in one proc
   mask and the source padding mask, take the last position's argmax, append it; no cache, so step t
   recomputes t positions. It stops early when every row has emitted EOS (never happens here, see
   below). `torch.nn.Transformer` is measured with the MHA fast path off
-  (`torch.backends.mha.set_fastpath_enabled(False)`: the twins' numerics; the fast path uses nested
-  tensors for padded sources and changes the numbers) and, as a second row, on (PyTorch's default).
+  (`torch.backends.mha.set_fastpath_enabled(False)`: plain layers, the twins' numerics; in eval mode
+  the fast path swaps in fused native kernels, which change the numbers) and, as a second row, on
+  (PyTorch's default).
   The twins' ratio is against the fast-path-off peer; the JSON also has the ratio against the other.
 - twins: `torch_tx.generate(model, src, ...)` and `jax_tx.generate(fmodel, params, src, ...)` as a
   user calls them, both with their KV cache: greedy (the ratio to the peer), beam search
@@ -60,7 +61,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -156,10 +158,11 @@ def build_entries(cfg: TransformerConfig, args: argparse.Namespace, src_np: np.n
     src_t = torch.from_numpy(src_np)  # [B, S] int64
     src_j = jax.device_put(src_np.astype(np.int32))  # [B, S] int32
     n = args.new_tokens
-    modes = {"greedy, KV cache": dict(),
-             f"beam {args.beam_size}, KV cache": dict(beam_size=args.beam_size, length_penalty=0.6),
-             f"sample T={args.temperature:g} top-k {args.top_k}, KV cache":
-                 dict(temperature=args.temperature, top_k=args.top_k, seed=args.seed)}
+    modes: dict[str, dict[str, Any]] = {
+        "greedy, KV cache": {},
+        f"beam {args.beam_size}, KV cache": {"beam_size": args.beam_size, "length_penalty": 0.6},
+        f"sample T={args.temperature:g} top-k {args.top_k}, KV cache":
+            {"temperature": args.temperature, "top_k": args.top_k, "seed": args.seed}}
 
     def torch_run(kw: dict[str, Any]) -> Callable[[], np.ndarray]:
         return lambda: torch_tx.generate(twin, src_t, max_new_tokens=n, bos_id=BOS, eos_id=EOS, **kw).numpy()
@@ -245,7 +248,7 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
         table.add_column(header, justify="left" if i in (1, 2) else "right", no_wrap=True)
     for i, line in enumerate(cells):
         table.add_row(*line, end_section=i + 1 < len(rows) and rows[i + 1]["d_model"] != rows[i]["d_model"])
-    Console(width=max(120, Console().width)).print(table)
+    Console(width=max(160, Console().width)).print(table)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
