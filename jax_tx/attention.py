@@ -52,13 +52,20 @@ class MultiHeadAttention(nn.Module):
         b, length, _ = x.shape
         return x.reshape(b, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)  # [B, H, L, K]
 
-    def __call__(self, query: jnp.ndarray, key_value: jnp.ndarray, mask: jnp.ndarray | None = None,
-                 deterministic: bool = True) -> jnp.ndarray:
+    def project_kv(self, key_value: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """key_value (B, S, D) -> keys and values (B, H, S, K): what a KV cache stores."""
+        return self._split_heads(self.k_proj(key_value)), self._split_heads(self.v_proj(key_value))  # [B, H, S, K]
+
+    def attend(self, query: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray | None = None,
+               deterministic: bool = True) -> jnp.ndarray:
+        """query (B, T, D) against projected k, v (B, H, S, K) -> (B, T, D)."""
         q = self._split_heads(self.q_proj(query))  # [B, H, T, K]
-        k = self._split_heads(self.k_proj(key_value))  # [B, H, S, K]
-        v = self._split_heads(self.v_proj(key_value))  # [B, H, S, K]
         rng = None if deterministic or self.dropout == 0.0 else self.make_rng("dropout")
         out = dot_product_attention(q, k, v, mask, self.dropout, rng)  # [B, H, T, K]
         b, _, t, _ = out.shape
         out = out.transpose(0, 2, 1, 3).reshape(b, t, self.num_heads * self.head_dim)  # [B, T, D]
         return self.out_proj(out)  # [B, T, D]
+
+    def __call__(self, query: jnp.ndarray, key_value: jnp.ndarray, mask: jnp.ndarray | None = None,
+                 deterministic: bool = True) -> jnp.ndarray:
+        return self.attend(query, *self.project_kv(key_value), mask, deterministic)  # [B, T, D]

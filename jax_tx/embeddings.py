@@ -43,9 +43,10 @@ class TokenEmbedding(nn.Module):
 
 
 class PositionalEncoding(nn.Module):
-    """x (B, L, D) -> dropout(x + PE[:L]). L > max_len raises ValueError.
+    """x (B, L, D) -> dropout(x + PE[offset:offset + L]). offset + L > max_len raises ValueError.
 
     The table is the float64 one of parity.numerics, cast to x's dtype (the torch twin does the same).
+    A traced `offset` (cached decoding under jit) cannot raise; callers keep it in range.
     """
 
     d_model: int
@@ -55,11 +56,16 @@ class PositionalEncoding(nn.Module):
     def setup(self):
         self.drop = nn.Dropout(self.dropout)
 
-    def __call__(self, x: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, offset: int | jnp.ndarray = 0, deterministic: bool = True) -> jnp.ndarray:
         length = x.shape[1]
-        if length > self.max_len:
-            raise ValueError(f"sequence length {length} exceeds max_len {self.max_len}")
-        table = jnp.asarray(_table(self.max_len, self.d_model)[:length], dtype=x.dtype)  # [L, D]
+        if isinstance(offset, jax.core.Tracer):
+            table = jax.lax.dynamic_slice_in_dim(jnp.asarray(_table(self.max_len, self.d_model), x.dtype),
+                                                 offset, length)  # [L, D]
+        else:
+            offset = int(offset)
+            if offset + length > self.max_len:
+                raise ValueError(f"sequence length {offset + length} exceeds max_len {self.max_len}")
+            table = jnp.asarray(_table(self.max_len, self.d_model)[offset:offset + length], dtype=x.dtype)  # [L, D]
         return self.drop(x + table, deterministic=deterministic)  # [B, L, D]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -48,7 +49,13 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """x (B, T, D), memory (B, S, D), self_mask (B, 1, T, T), cross_mask (B, 1, 1, S) -> (B, T, D)."""
+    """x (B, T, D), memory (B, S, D), self_mask (B, 1, T, T), cross_mask (B, 1, 1, S) -> (B, T, D).
+
+    With `cache` (this layer's entry of `Transformer.init_cache`): x holds the T new positions from
+    `index` on, self_mask is (B, 1, T, L) over the cache's L slots, memory is unused (its keys and
+    values are cached), and the result is (x, cache) with the new keys and values written at
+    index..index+T-1 (a new cache: nothing is mutated).
+    """
 
     cfg: TransformerConfig
 
@@ -63,12 +70,35 @@ class DecoderLayer(nn.Module):
         self.ff_norm = layer_norm(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def __call__(self, x: jnp.ndarray, memory: jnp.ndarray, self_mask: jnp.ndarray | None,
-                 cross_mask: jnp.ndarray | None, deterministic: bool = True) -> jnp.ndarray:
+    def init_cache(self, memory: jnp.ndarray, length: int) -> dict[str, jnp.ndarray]:
+        """Cross-attention keys/values of memory (B, S, D), once; empty self-attention slots for `length` positions."""
+        cross_k, cross_v = self.cross_attn.project_kv(memory)  # [B, H, S, K]
+        b, h, _, k = cross_k.shape
+        empty = jnp.zeros((b, h, length, k), memory.dtype)  # [B, H, L, K]
+        return {"self_k": empty, "self_v": empty, "cross_k": cross_k, "cross_v": cross_v}
+
+    def __call__(self, x: jnp.ndarray, memory: jnp.ndarray | None, self_mask: jnp.ndarray | None,
+                 cross_mask: jnp.ndarray | None, cache: dict[str, jnp.ndarray] | None = None,
+                 index: int | jnp.ndarray = 0, deterministic: bool = True):
         det = deterministic
-        x = residual(x, self.self_attn_norm, lambda h: self.self_attn(h, h, self_mask, det), self.drop,
-                     self.norm_first, det)  # [B, T, D]
-        x = residual(x, self.cross_attn_norm, lambda h: self.cross_attn(h, memory, cross_mask, det),
-                     self.drop, self.norm_first, det)  # [B, T, D]
-        return residual(x, self.ff_norm, lambda h: self.ff(h, det), self.drop, self.norm_first,
-                        det)  # [B, T, D]
+        new_cache = None
+
+        def self_attention(h: jnp.ndarray) -> jnp.ndarray:
+            nonlocal new_cache
+            k, v = self.self_attn.project_kv(h)  # [B, H, T, K]
+            if cache is not None:
+                k = jax.lax.dynamic_update_slice_in_dim(cache["self_k"], k.astype(cache["self_k"].dtype), index,
+                                                        axis=2)  # [B, H, L, K]
+                v = jax.lax.dynamic_update_slice_in_dim(cache["self_v"], v.astype(cache["self_v"].dtype), index,
+                                                        axis=2)  # [B, H, L, K]
+                new_cache = {**cache, "self_k": k, "self_v": v}
+            return self.self_attn.attend(h, k, v, self_mask, det)  # [B, T, D]
+
+        def cross_attention(h: jnp.ndarray) -> jnp.ndarray:
+            k, v = (cache["cross_k"], cache["cross_v"]) if cache is not None else self.cross_attn.project_kv(memory)
+            return self.cross_attn.attend(h, k, v, cross_mask, det)  # [B, T, D]
+
+        x = residual(x, self.self_attn_norm, self_attention, self.drop, self.norm_first, det)  # [B, T, D]
+        x = residual(x, self.cross_attn_norm, cross_attention, self.drop, self.norm_first, det)  # [B, T, D]
+        x = residual(x, self.ff_norm, lambda h: self.ff(h, det), self.drop, self.norm_first, det)  # [B, T, D]
+        return x if cache is None else (x, new_cache)

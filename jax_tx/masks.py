@@ -27,9 +27,15 @@ def key_mask(pad_mask: jnp.ndarray) -> jnp.ndarray:
     return pad_mask[:, None, None, :]  # [B, 1, 1, L]
 
 
-def causal_mask(length: int) -> jnp.ndarray:
-    """(1, 1, T, T) lower-triangular mask: query t may attend to keys 0..t."""
-    return jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))[None, None]  # [1, 1, T, T]
+def causal_mask(length: int, offset: int | jnp.ndarray = 0, keys: int | None = None) -> jnp.ndarray:
+    """(1, 1, T, L) mask: query t, at position offset + t, may attend to keys 0..offset + t.
+
+    L = `keys` (default offset + T; give it when offset is traced); with offset 0 and L = T it is the
+    lower-triangular (T, T) mask.
+    """
+    keys = offset + length if keys is None else keys
+    query_pos = offset + jnp.arange(length)  # [T]
+    return (jnp.arange(keys)[None, :] <= query_pos[:, None])[None, None]  # [1, 1, T, L]
 
 
 def decoder_self_mask(tgt_pad: jnp.ndarray) -> jnp.ndarray:

@@ -31,7 +31,7 @@ class TokenEmbedding(nn.Module):
 
 
 class PositionalEncoding(nn.Module):
-    """x (B, L, D) -> dropout(x + PE[:L]). L > max_len raises ValueError.
+    """x (B, L, D) -> dropout(x + PE[offset:offset + L]). offset + L > max_len raises ValueError.
 
     The table is the float64 one of parity.numerics, cast per (device, dtype) and cached, so that
     float64 runs use it at full precision whatever dtype the module was cast through before.
@@ -50,8 +50,8 @@ class PositionalEncoding(nn.Module):
             self._cache[key] = torch.from_numpy(self._table64).to(device=device, dtype=dtype)
         return self._cache[key]  # [max_len, D]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         length = x.shape[1]
-        if length > self.max_len:
-            raise ValueError(f"sequence length {length} exceeds max_len {self.max_len}")
-        return self.drop(x + self.table(x.device, x.dtype)[:length])  # [B, L, D]
+        if offset + length > self.max_len:
+            raise ValueError(f"sequence length {offset + length} exceeds max_len {self.max_len}")
+        return self.drop(x + self.table(x.device, x.dtype)[offset:offset + length])  # [B, L, D]

@@ -39,7 +39,12 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """x (B, T, D), memory (B, S, D), self_mask (B, 1, T, T), cross_mask (B, 1, 1, S) -> (B, T, D)."""
+    """x (B, T, D), memory (B, S, D), self_mask (B, 1, T, T), cross_mask (B, 1, 1, S) -> (B, T, D).
+
+    With `cache` (this layer's entry of `Transformer.init_cache`): x holds the T new positions from
+    `index` on, self_mask is (B, 1, T, index + T), memory is unused (its keys and values are cached),
+    and the result is (x, cache) with the new keys and values written in place at index..index+T-1.
+    """
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -52,10 +57,30 @@ class DecoderLayer(nn.Module):
         self.ff_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, self_mask: torch.Tensor | None,
-                cross_mask: torch.Tensor | None) -> torch.Tensor:
-        x = residual(x, self.self_attn_norm, lambda h: self.self_attn(h, h, self_mask), self.drop,
-                     self.norm_first)  # [B, T, D]
-        x = residual(x, self.cross_attn_norm, lambda h: self.cross_attn(h, memory, cross_mask),
-                     self.drop, self.norm_first)  # [B, T, D]
-        return residual(x, self.ff_norm, self.ff, self.drop, self.norm_first)  # [B, T, D]
+    def init_cache(self, memory: torch.Tensor, length: int) -> dict[str, torch.Tensor]:
+        """Cross-attention keys/values of memory (B, S, D), once; empty self-attention slots for `length` positions."""
+        cross_k, cross_v = self.cross_attn.project_kv(memory)  # [B, H, S, K]
+        b, h, _, k = cross_k.shape
+        empty = memory.new_zeros(b, h, length, k)  # [B, H, L, K]
+        return {"self_k": empty, "self_v": empty.clone(), "cross_k": cross_k, "cross_v": cross_v}
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None, self_mask: torch.Tensor | None,
+                cross_mask: torch.Tensor | None, cache: dict[str, torch.Tensor] | None = None,
+                index: int = 0):
+        def self_attention(h: torch.Tensor) -> torch.Tensor:
+            k, v = self.self_attn.project_kv(h)  # [B, H, T, K]
+            if cache is not None:
+                end = index + h.shape[1]
+                cache["self_k"][:, :, index:end] = k
+                cache["self_v"][:, :, index:end] = v
+                k, v = cache["self_k"][:, :, :end], cache["self_v"][:, :, :end]  # [B, H, index + T, K]
+            return self.self_attn.attend(h, k, v, self_mask)  # [B, T, D]
+
+        def cross_attention(h: torch.Tensor) -> torch.Tensor:
+            k, v = (cache["cross_k"], cache["cross_v"]) if cache is not None else self.cross_attn.project_kv(memory)
+            return self.cross_attn.attend(h, k, v, cross_mask)  # [B, T, D]
+
+        x = residual(x, self.self_attn_norm, self_attention, self.drop, self.norm_first)  # [B, T, D]
+        x = residual(x, self.cross_attn_norm, cross_attention, self.drop, self.norm_first)  # [B, T, D]
+        x = residual(x, self.ff_norm, self.ff, self.drop, self.norm_first)  # [B, T, D]
+        return x if cache is None else (x, cache)

@@ -27,9 +27,15 @@ def key_mask(pad_mask: torch.Tensor) -> torch.Tensor:
     return pad_mask[:, None, None, :]  # [B, 1, 1, L]
 
 
-def causal_mask(length: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """(1, 1, T, T) lower-triangular mask: query t may attend to keys 0..t."""
-    return torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]  # [1, 1, T, T]
+def causal_mask(length: int, device: torch.device | str | None = None, offset: int = 0,
+                keys: int | None = None) -> torch.Tensor:
+    """(1, 1, T, L) mask: query t, at position offset + t, may attend to keys 0..offset + t.
+
+    L = `keys` (default offset + T); with offset 0 and L = T it is the lower-triangular (T, T) mask.
+    """
+    keys = offset + length if keys is None else keys
+    query_pos = offset + torch.arange(length, device=device)  # [T]
+    return (torch.arange(keys, device=device)[None, :] <= query_pos[:, None])[None, None]  # [1, 1, T, L]
 
 
 def decoder_self_mask(tgt_pad: torch.Tensor) -> torch.Tensor:
