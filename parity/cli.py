@@ -1,10 +1,11 @@
-"""`twin`: the command line tool. Subcommands: train, parity, bench."""
+"""`twin`: the command line tool. Subcommands: train, translate, eval, parity, bench."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from dataclasses import asdict
 from typing import Sequence
 
 import numpy as np
@@ -102,6 +103,110 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 130 if last.get("interrupted") else 0
 
 
+def _read_stdin() -> tuple[list[str], list[str]]:
+    """Lines of stdin (surrounding whitespace stripped) and their names ("line N")."""
+    from parity.translate import TranslateError
+
+    try:
+        text = sys.stdin.read()
+    except UnicodeDecodeError as e:
+        raise TranslateError(f"stdin is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise TranslateError("no input: give TEXT arguments or lines on stdin (stdin is empty)")
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.strip() for line in lines], [f"line {i}" for i in range(1, len(lines) + 1)]
+
+
+def _decode_options(args: argparse.Namespace):
+    """DecodeOptions of the command line (eval has no sampling arguments)."""
+    from parity.translate import DecodeOptions
+
+    return DecodeOptions(beam_size=args.beam, length_penalty=args.length_penalty,
+                         temperature=getattr(args, "temperature", 0.0), top_k=getattr(args, "top_k", 0),
+                         top_p=getattr(args, "top_p", 1.0), seed=getattr(args, "seed", None),
+                         max_new_tokens=args.max_new_tokens)
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    from parity.translate import TranslateError, Translator, check_writable, plot_attention
+
+    try:
+        options = _decode_options(args)
+        if args.batch_size < 1:
+            raise TranslateError(f"--batch-size must be at least 1, got {args.batch_size}")
+        if args.plot_attention and len(args.text) > 1:
+            raise TranslateError(f"--plot-attention draws one sentence; got {len(args.text)} texts")
+        if args.plot_attention:
+            check_writable(args.plot_attention, "--plot-attention")
+        translator = Translator.load(args.run_dir, args.framework, args.device)
+        if args.text:
+            texts, names = [t.strip() for t in args.text], [f"text {i}" for i in range(1, len(args.text) + 1)]
+        else:
+            texts, names = _read_stdin()
+        if args.plot_attention and len(texts) > 1:
+            raise TranslateError(f"--plot-attention draws one sentence; stdin has {len(texts)} lines")
+        translator.encode(texts, names)  # every input checked before any output
+        if args.plot_attention:
+            found = translator.attention(texts[0], **asdict(options))
+            outputs = [found.translation]
+            plot_attention(args.plot_attention, found.src_tokens, found.out_tokens, found.weights,
+                           heads=args.plot_heads, title=f"{texts[0]}  ->  {found.translation}")
+        else:
+            outputs = translator.translate(texts, names, batch_size=args.batch_size, **asdict(options))
+    except TranslateError as e:
+        print(f"twin translate: {e}", file=sys.stderr)
+        return 1
+    for line in outputs:
+        print(line)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from parity.data import DataError, load_corpus
+    from parity.translate import TranslateError, Translator, check_writable, write_file
+
+    try:
+        options = _decode_options(args)
+        for name, value in (("--batch-size", args.batch_size), ("--limit", args.limit)):
+            if value is not None and value < 1:
+                raise TranslateError(f"{name} must be at least 1, got {value}")
+        if args.json:
+            check_writable(args.json, "--json")
+        translator = Translator.load(args.run_dir, args.framework, args.device)
+        data = args.data
+        if data is None:
+            try:
+                data = json.loads((Path(args.run_dir) / "train_config.json").read_text())["data"]
+            except (OSError, ValueError, KeyError, TypeError):
+                raise TranslateError(f"{args.run_dir}: no readable train_config.json naming the training data; "
+                                     f"pass --data") from None
+        try:
+            corpus = load_corpus(data)
+        except DataError as e:
+            raise TranslateError(f"{e}{'' if args.data else ' (the data the run was trained on; pass --data)'}") \
+                from None
+        pairs = corpus.test[:args.limit]
+        scores = translator.evaluate(pairs, batch_size=args.batch_size, **asdict(options))
+        if args.json:
+            record = {"run_dir": str(args.run_dir), "data": str(data), "split": "test", **scores}
+            write_file(args.json, (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode(), "--json")
+    except TranslateError as e:
+        print(f"twin eval: {e}", file=sys.stderr)
+        return 1
+    skipped = f" ({scores['skipped']} longer than max_len skipped)" if scores["skipped"] else ""
+    print(f"{args.run_dir}: test split of {data}, {args.framework}, "
+          f"{'greedy' if options.beam_size == 1 else f'beam {options.beam_size}'}")
+    print(f"BLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}  exact match {scores['exact_match']:.2%}")
+    print(f"{scores['sentences']} sentences{skipped} in {scores['seconds']:.2f} s "
+          f"({scores['sentences_per_s']:.1f} sentences/s)")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import runpy
     from pathlib import Path
@@ -113,6 +218,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     sys.argv = [str(script), *args.extra]
     runpy.run_path(str(script), run_name="__main__")
     return 0
+
+
+def _add_decoding_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--framework", choices=("torch", "jax"), default="torch")
+    p.add_argument("--beam", type=int, default=1, help="beam size (default 1: greedy)")
+    p.add_argument("--length-penalty", type=float, default=0.6, help="beam search length penalty alpha (GNMT; "
+                   "default 0.6)")
+    p.add_argument("--max-new-tokens", type=int, help="output tokens at most (default min(max_len, 2 * padded "
+                   "source length + 10))")
+    p.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default 64)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +282,33 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--show", type=int, default=5, help="translations printed at the end")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
+    c = sub.add_parser("translate", help="translate text with a trained run (one output line per input)",
+                       description="Translate each TEXT, or each line of stdin, with the model of RUN_DIR; prints "
+                       "one translation per line, in input order. Greedy unless --beam > 1 (beam search) or "
+                       "--temperature > 0 (sampling).")
+    c.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by twin train")
+    c.add_argument("text", nargs="*", metavar="TEXT", help="source sentences (default: the lines of stdin)")
+    _add_decoding_args(c)
+    c.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default 0: no "
+                   "sampling)")
+    c.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default 0: all)")
+    c.add_argument("--top-p", type=float, default=1.0, help="sample from the fewest tokens with probability >= p "
+                   "(nucleus; default 1)")
+    c.add_argument("--seed", type=int, help="sampling seed")
+    c.add_argument("--plot-attention", metavar="FILE.png", help="draw the cross-attention maps of one sentence")
+    c.add_argument("--plot-heads", action="store_true", help="with --plot-attention: one panel per layer and head "
+                   "(default: one per layer, heads averaged)")
+    c.set_defaults(func=cmd_translate)
+    e = sub.add_parser("eval", help="BLEU, chrF and exact match of a trained run on a test split",
+                       description="Translate the test split of the run's data (or --data) and print corpus BLEU "
+                       "and chrF (sacrebleu), exact match and speed.")
+    e.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by twin train")
+    e.add_argument("--data", help="'builtin', a .tsv/.jsonl file or a directory with train/valid/test files "
+                   "(default: the run's training data, from train_config.json)")
+    e.add_argument("--limit", type=int, help="only the first N test sentences")
+    e.add_argument("--json", metavar="FILE", help="also write the scores and translations as JSON")
+    _add_decoding_args(e)
+    e.set_defaults(func=cmd_eval)
     b = sub.add_parser("bench", help="training-step throughput of each twin against its peer "
                        "(benchmarks/bench_train.py; arguments are passed on, e.g. --quick)")
     b.set_defaults(func=cmd_bench)
@@ -175,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if args.command == "translate" and extra and not any(e.startswith("-") for e in extra):
+        args.text, extra = args.text + extra, []  # TEXTs after an option: argparse leaves them over, in order
     if extra and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra

@@ -1,0 +1,340 @@
+"""Translate and evaluate with a run directory written by `twin train`, in either framework.
+
+`Translator.load(run_dir, framework, device)` reads `config.json` + `model.safetensors` and
+`tokenizer.json`; `translate` checks every input first (empty, characters the tokenizer has never
+seen, longer than the model takes), then encodes, appends <eos>, sorts by length, batches (source
+length padded to a multiple of 8, so JAX compiles few shapes), calls `torch_tx.generate` /
+`jax_tx.generate`, decodes and restores the input order. Both frameworks get identical batches.
+Frameworks are imported only when a translator is loaded.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+
+from parity.checkpoint import CONFIG_FILE, CheckpointError, atomic_write_bytes, load_checkpoint
+from parity.config import TransformerConfig
+from parity.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError
+
+FRAMEWORKS = ("torch", "jax")
+BUCKET = 8
+
+
+class TranslateError(ValueError):
+    """Input, options or a run directory that cannot be used; the message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How `generate` picks tokens: beam search (beam_size > 1), sampling (temperature > 0) or greedy.
+
+    max_new_tokens None: min(max_len, 2 * padded source length + 10) per batch.
+    """
+
+    beam_size: int = 1
+    length_penalty: float = 0.6
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_new_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.beam_size < 1:
+            raise TranslateError(f"--beam must be at least 1, got {self.beam_size}")
+        for name, value in (("--length-penalty", self.length_penalty), ("--temperature", self.temperature)):
+            if not math.isfinite(value) or value < 0:
+                raise TranslateError(f"{name} must be a finite number >= 0, got {value}")
+        if self.top_k < 0:
+            raise TranslateError(f"--top-k must be >= 0 (0: no limit), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise TranslateError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.temperature == 0 and (self.top_k or self.top_p < 1.0):
+            raise TranslateError("--top-k and --top-p shape sampling; they need --temperature > 0")
+        if self.temperature > 0 and self.beam_size > 1:
+            raise TranslateError("--temperature (sampling) and --beam > 1 (beam search) cannot be combined")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise TranslateError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+
+    def generate_kwargs(self, max_new_tokens: int) -> dict[str, Any]:
+        kw = asdict(self)
+        kw["max_new_tokens"] = max_new_tokens
+        return kw
+
+
+# ---------------------------------------------------------------------------------- backends
+
+class _TorchBackend:
+    def __init__(self, cfg: TransformerConfig, weights: dict[str, np.ndarray], device: str) -> None:
+        import torch
+
+        import torch_tx
+        from parity.convert import to_torch
+
+        if device == "cuda" and not torch.cuda.is_available():
+            raise TranslateError("--device cuda: torch sees no GPU (torch.cuda.is_available() is False)")
+        self.torch, self.tx, self.device = torch, torch_tx, torch.device(device)
+        self.model = torch_tx.Transformer(cfg)
+        self.model.load_state_dict({k: to_torch(v) for k, v in weights.items()})
+        self.model.to(self.device).eval()
+
+    def generate(self, src: np.ndarray, **kw) -> np.ndarray:
+        src_t = self.torch.from_numpy(src).to(self.device, self.torch.long)  # [B, S]
+        with self.torch.no_grad():
+            return self.tx.generate(self.model, src_t, **kw).cpu().numpy()  # [B, n]
+
+    def cross_attention(self, src: np.ndarray, tgt_in: np.ndarray) -> np.ndarray:
+        from torch_tx.decoding import cross_attention_weights
+
+        src_t = self.torch.from_numpy(src).to(self.device, self.torch.long)  # [B, S]
+        tgt_t = self.torch.from_numpy(tgt_in).to(self.device, self.torch.long)  # [B, T]
+        with self.torch.no_grad():
+            return cross_attention_weights(self.model, src_t, tgt_t).float().cpu().numpy()  # [L, B, H, T, S]
+
+
+class _JaxBackend:
+    def __init__(self, cfg: TransformerConfig, weights: dict[str, np.ndarray], device: str) -> None:
+        if device == "cpu":
+            os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        import jax
+        import jax.numpy as jnp
+
+        import jax_tx
+        from parity.convert import canonical_to_flax
+
+        try:
+            self.device = jax.devices("gpu" if device == "cuda" else "cpu")[0]
+        except RuntimeError as e:
+            raise TranslateError(f"--device {device}: jax has no such device ({str(e).splitlines()[0]})") from None
+        self.jax, self.jnp, self.tx = jax, jnp, jax_tx
+        self.model = jax_tx.Transformer(cfg)
+        self.params = jax.device_put(canonical_to_flax(weights, cfg), self.device)
+
+    def _put(self, a: np.ndarray):
+        return self.jax.device_put(self.jnp.asarray(a, self.jnp.int32), self.device)
+
+    def generate(self, src: np.ndarray, **kw) -> np.ndarray:
+        return np.asarray(self.tx.generate(self.model, self.params, self._put(src), **kw))  # [B, n]
+
+    def cross_attention(self, src: np.ndarray, tgt_in: np.ndarray) -> np.ndarray:
+        from jax_tx.decoding import cross_attention_weights
+
+        weights = cross_attention_weights(self.model, self.params, self._put(src), self._put(tgt_in))
+        return np.asarray(weights, dtype=np.float32)  # [L, B, H, T, S]
+
+
+# -------------------------------------------------------------------------------- translator
+
+def read_run_dir(run_dir: str | os.PathLike) -> tuple[TransformerConfig, dict[str, np.ndarray], Tokenizer]:
+    """Config, float32 canonical weights and tokenizer of a run directory; TranslateError when unusable."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise TranslateError(f"{path}: no such directory (expected a run directory written by twin train)")
+    missing = [name for name in (CONFIG_FILE, TOKENIZER_FILE) if not (path / name).is_file()]
+    if missing:
+        raise TranslateError(f"{path}: not a run directory, no {' or '.join(missing)} "
+                             f"(twin train writes config.json, model.safetensors and tokenizer.json)")
+    try:
+        cfg, weights = load_checkpoint(path)
+        tokenizer = Tokenizer.load(path / TOKENIZER_FILE)
+    except (CheckpointError, TokenizerError) as e:
+        raise TranslateError(str(e)) from None
+    if tokenizer.vocab_size != cfg.src_vocab_size or tokenizer.vocab_size != cfg.tgt_vocab_size:
+        raise TranslateError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens, the model's vocabularies "
+                             f"are {cfg.src_vocab_size} / {cfg.tgt_vocab_size}")
+    weights = {k: v.astype(np.float32) if v.dtype.kind == "f" or v.dtype.name == "bfloat16" else v
+               for k, v in weights.items()}
+    return cfg.replace(dropout=0.0), weights, tokenizer
+
+
+class Attention(NamedTuple):
+    src_tokens: list[str]  # [S]: the source tokens and <eos>
+    out_tokens: list[str]  # [T]: the output tokens, <eos> included when generated
+    weights: np.ndarray  # [L, H, T, S] float32, softmax over S
+    translation: str
+
+
+class Translator:
+    """A trained model, its tokenizer and one framework's `generate`."""
+
+    def __init__(self, cfg: TransformerConfig, tokenizer: Tokenizer, backend, framework: str) -> None:
+        self.cfg, self.tokenizer, self.backend, self.framework = cfg, tokenizer, backend, framework
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike, framework: str = "torch", device: str = "cpu") -> "Translator":
+        if framework not in FRAMEWORKS:
+            raise TranslateError(f"unknown framework {framework!r}; expected one of {', '.join(FRAMEWORKS)}")
+        cfg, weights, tokenizer = read_run_dir(run_dir)
+        backend = (_TorchBackend if framework == "torch" else _JaxBackend)(cfg, weights, device)
+        return cls(cfg, tokenizer, backend, framework)
+
+    def encode(self, texts: Sequence[str], names: Sequence[str] | None = None, *,
+               strict: bool = True) -> list[np.ndarray | None]:
+        """Source ids + <eos> of each text ([L + 1] int32). Empty texts, texts too long for the model and
+        (strict) unknown characters raise TranslateError naming the input; with strict=False too long
+        ones give None."""
+        names = names or [f"text {i}" for i in range(1, len(texts) + 1)]
+        for name, text in zip(names, texts):
+            if not text.strip():
+                raise TranslateError(f"{name} is empty")
+        if strict:
+            for name, chars in zip(names, self.tokenizer.unknown_characters(texts)):
+                if chars:
+                    raise TranslateError(f"{name}: characters the tokenizer has never seen: "
+                                         f"{' '.join(repr(c) for c in chars)}")
+        out: list[np.ndarray | None] = []
+        for name, ids in zip(names, self.tokenizer.encode(texts)):
+            if len(ids) + 1 > self.cfg.max_len:
+                if strict:
+                    raise TranslateError(f"{name} is too long: {len(ids)} tokens + <eos> = {len(ids) + 1}, the "
+                                         f"model takes at most {self.cfg.max_len} (max_len)")
+                out.append(None)
+            else:
+                out.append(np.append(ids, self.tokenizer.eos_id).astype(np.int32))  # [L + 1]
+        return out
+
+    def _check_options(self, options: DecodeOptions) -> None:
+        if options.max_new_tokens is not None and options.max_new_tokens > self.cfg.max_len:
+            raise TranslateError(f"--max-new-tokens {options.max_new_tokens} is more than the model's max_len "
+                                 f"{self.cfg.max_len}")
+
+    def _pad(self, rows: Sequence[np.ndarray]) -> np.ndarray:
+        length = min(-(-max(len(r) for r in rows) // BUCKET) * BUCKET, self.cfg.max_len)
+        src = np.full((len(rows), length), self.cfg.pad_id, dtype=np.int32)  # [B, S]
+        for i, ids in enumerate(rows):
+            src[i, :len(ids)] = ids
+        return src
+
+    def _generate(self, src: np.ndarray, options: DecodeOptions) -> np.ndarray:
+        steps = options.max_new_tokens or min(self.cfg.max_len, 2 * src.shape[1] + 10)
+        try:
+            return self.backend.generate(src, bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id,
+                                         **options.generate_kwargs(steps))  # [B, n]
+        except ValueError as e:
+            raise TranslateError(str(e).splitlines()[0]) from None
+
+    def generate_ids(self, sources: Sequence[np.ndarray], options: DecodeOptions,
+                     batch_size: int = 64) -> list[np.ndarray]:
+        """Output ids of each source (ids + <eos>), in input order; batches of similar length."""
+        if batch_size < 1:
+            raise TranslateError(f"--batch-size must be at least 1, got {batch_size}")
+        self._check_options(options)
+        order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+        out: list[np.ndarray] = [np.zeros(0, np.int32)] * len(sources)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            tokens = self._generate(self._pad([sources[i] for i in chunk]), options)  # [B, n]
+            for i, row in zip(chunk, tokens):
+                out[i] = row
+        return out
+
+    def translate(self, texts: Sequence[str], names: Sequence[str] | None = None, *, batch_size: int = 64,
+                  **options: Any) -> list[str]:
+        """One translation per text, in input order. `options`: DecodeOptions fields."""
+        sources = self.encode(texts, names)
+        ids = self.generate_ids(sources, DecodeOptions(**options), batch_size)
+        return [self.tokenizer.decode(row) for row in ids]
+
+    def attention(self, text: str, **options: Any) -> Attention:
+        """The translation of `text` and its cross-attention: row t is the attention that produced output token t."""
+        src_ids = self.encode([text])[0]
+        out = self.generate_ids([src_ids], DecodeOptions(**options), 1)[0]
+        ends = np.flatnonzero(out == self.tokenizer.eos_id)
+        out = out[:ends[0] + 1] if len(ends) else out  # [T]
+        src = self._pad([src_ids])  # [1, S]
+        tgt_in = np.concatenate([[self.tokenizer.bos_id], out[:-1]]).astype(np.int32)[None]  # [1, T]
+        weights = self.backend.cross_attention(src, tgt_in)[:, 0, :, :, :len(src_ids)]  # [L, H, T, S]
+        return Attention(self.tokenizer.token_strings(src_ids), self.tokenizer.token_strings(out), weights,
+                         self.tokenizer.decode(out))
+
+    def evaluate(self, pairs: Sequence[tuple[str, str]], *, batch_size: int = 64, **options: Any) -> dict[str, Any]:
+        """Corpus BLEU and chrF (sacrebleu), exact match, and speed over (source, reference) pairs. Unknown
+        characters become <unk>; sources too long for the model are skipped (counted in `skipped`)."""
+        import sacrebleu
+
+        from parity.train import exact_match
+
+        decode = DecodeOptions(**options)
+        sources = self.encode([p[0] for p in pairs], [f"test sentence {i}" for i in range(1, len(pairs) + 1)],
+                              strict=False)
+        kept = [i for i, s in enumerate(sources) if s is not None]
+        if not kept:
+            raise TranslateError(f"none of the {len(pairs)} test sentences fits the model's max_len {self.cfg.max_len}")
+        start = time.perf_counter()
+        ids = self.generate_ids([sources[i] for i in kept], decode, batch_size)
+        hypotheses = [self.tokenizer.decode(row) for row in ids]
+        seconds = time.perf_counter() - start
+        references = [pairs[i][1] for i in kept]
+        translations = [{"src": pairs[i][0], "ref": r, "hyp": h} for i, r, h in zip(kept, references, hypotheses)]
+        return {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
+                "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
+                "exact_match": exact_match(hypotheses, references), "sentences": len(kept),
+                "skipped": len(pairs) - len(kept), "seconds": seconds,
+                "sentences_per_s": len(kept) / max(seconds, 1e-9), "framework": self.framework, **asdict(decode),
+                "batch_size": batch_size, "translations": translations}
+
+
+# ------------------------------------------------------------------------------------- files
+
+def check_writable(path: str | os.PathLike, what: str) -> None:
+    """TranslateError unless a file can be created next to `path` (checked before the slow work)."""
+    path = Path(path)
+    if path.is_dir():
+        raise TranslateError(f"{what} {path}: is a directory")
+    try:
+        with tempfile.TemporaryFile(dir=path.parent if str(path.parent) else "."):
+            pass
+    except OSError as e:
+        raise TranslateError(f"{what} {path}: cannot write there ({e.strerror or e})") from None
+
+
+def write_file(path: str | os.PathLike, data: bytes, what: str) -> None:
+    """Atomic write; the file gets the usual permissions (0666 less the umask), not mkstemp's 0600."""
+    try:
+        atomic_write_bytes(path, data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)
+    except OSError as e:
+        raise TranslateError(f"{what} {path}: cannot write ({e.strerror or e})") from None
+
+
+def plot_attention(path: str | os.PathLike, src_tokens: Sequence[str], out_tokens: Sequence[str],
+                   weights: np.ndarray, *, heads: bool = False, title: str = "") -> None:
+    """PNG of cross-attention [L, H, T, S]: one panel per layer (heads averaged), or layers x heads;
+    x = source tokens, y = output tokens (matplotlib Agg, written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _, num_heads, t, s = weights.shape  # [L, H, T, S]
+    panels = weights if heads else weights.mean(axis=1, keepdims=True)  # [L, H or 1, T, S]
+    rows, cols = panels.shape[:2]
+    fig, axes = plt.subplots(rows, cols, squeeze=False, sharex=True, sharey=True, layout="constrained",
+                             figsize=(1.5 + cols * max(2.0, 0.28 * s + 0.4), 1.5 + rows * max(1.5, 0.28 * t + 0.4)))
+    for layer in range(rows):
+        for head in range(cols):
+            ax = axes[layer, head]
+            image = ax.imshow(panels[layer, head], aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)  # [T, S]
+            ax.set_xticks(range(s), src_tokens, rotation=90, fontsize=8)
+            ax.set_yticks(range(t), out_tokens, fontsize=8)
+            ax.set_title(f"layer {layer + 1}" + (f", head {head + 1}" if heads else f" ({num_heads} heads averaged)"),
+                         fontsize=9)
+            ax.label_outer()
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    write_file(path, buffer.getvalue(), "--plot-attention")
