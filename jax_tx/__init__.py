@@ -1,10 +1,11 @@
 """The Flax (linen) twin of the encoder-decoder Transformer. Never imports torch."""
 
 from jax_tx.attention import MultiHeadAttention
+from jax_tx.decoding import generate
 from jax_tx.embeddings import PositionalEncoding, TokenEmbedding
 from jax_tx.feed_forward import FeedForward
 from jax_tx.layers import DecoderLayer, EncoderLayer
 from jax_tx.model import Decoder, Encoder, Generator, Transformer
 
-__all__ = ["MultiHeadAttention", "PositionalEncoding", "TokenEmbedding", "FeedForward", "EncoderLayer",
+__all__ = ["generate", "MultiHeadAttention", "PositionalEncoding", "TokenEmbedding", "FeedForward", "EncoderLayer",
            "DecoderLayer", "Encoder", "Decoder", "Generator", "Transformer"]

@@ -1,10 +1,11 @@
 """The PyTorch twin of the encoder-decoder Transformer. Never imports jax."""
 
 from torch_tx.attention import MultiHeadAttention
+from torch_tx.decoding import generate
 from torch_tx.embeddings import PositionalEncoding, TokenEmbedding
 from torch_tx.feed_forward import FeedForward
 from torch_tx.layers import DecoderLayer, EncoderLayer
 from torch_tx.model import Decoder, Encoder, Transformer
 
-__all__ = ["MultiHeadAttention", "PositionalEncoding", "TokenEmbedding", "FeedForward", "EncoderLayer",
+__all__ = ["generate", "MultiHeadAttention", "PositionalEncoding", "TokenEmbedding", "FeedForward", "EncoderLayer",
            "DecoderLayer", "Encoder", "Decoder", "Transformer"]

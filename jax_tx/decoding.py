@@ -1,0 +1,216 @@
+"""Decoding with the KV cache (Flax twin): greedy, sampling (temperature, top-k, top-p), beam search.
+
+Mirrors `torch_tx/decoding.py` name for name. The encoder runs once; every step feeds one token per
+sequence through `Transformer.decode(..., cache=cache)`, inside one jitted `lax.while_loop` with
+static shapes that stops once every sequence has finished. The cache is a pytree carried through the
+loop (nothing is mutated). Greedy and beam search give the same tokens as the torch twin on converted
+weights; sampling is reproducible from `seed` (keys `fold_in(key, step)`) within this framework.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_tx.masks import padding_mask
+from jax_tx.model import Transformer
+from parity.decoding import NEG_INF, check_generate_args, length_penalty
+
+
+def generate(model: Transformer, params: Mapping[str, Any], src: jnp.ndarray, *, max_new_tokens: int, bos_id: int,
+             eos_id: int, beam_size: int = 1, length_penalty: float = 0.6, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int | None = None, src_mask: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Output ids (B, n <= max_new_tokens) for src (B, S), without BOS, pad after EOS.
+
+    beam_size 1 and temperature 0: greedy. temperature > 0: sampling from softmax(logits / temperature)
+    restricted to the top_k tokens (0: all) and to the smallest set whose probability reaches top_p.
+    beam_size > 1: beam search, hypotheses scored by summed log-probabilities / ((5 + len) / 6) ** length_penalty.
+    n is the number of steps taken: decoding stops once every sequence has finished (or, for beams, once
+    no live hypothesis can beat the finished ones). `params` is the Flax params tree (or {"params": tree}).
+    The loop is compiled once per (model, shapes, decoding arguments); pad S to a few lengths.
+    """
+    check_generate_args(model.cfg, max_new_tokens=max_new_tokens, bos_id=bos_id, eos_id=eos_id, beam_size=beam_size,
+                        length_penalty=length_penalty, temperature=temperature, top_k=top_k, top_p=top_p)
+    if isinstance(params, Mapping) and set(params) == {"params"}:
+        params = params["params"]
+    src = jnp.asarray(src)
+    _check_source(src, model.cfg.src_vocab_size, model.cfg.max_len)  # under jit nothing could raise
+    src_pad = padding_mask(src, model.cfg.pad_id, src_mask, "src_mask")  # [B, S]
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % (1 << 63))
+    tokens, steps = _generate(model, params, src, src_pad, jax.random.key(seed), max_new_tokens=max_new_tokens,
+                              bos_id=bos_id, eos_id=eos_id, beam_size=beam_size, alpha=float(length_penalty),
+                              temperature=float(temperature), top_k=top_k, top_p=float(top_p))
+    return tokens[:, :int(steps)]  # [B, n]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "bos_id", "eos_id", "beam_size", "alpha",
+                                             "temperature", "top_k", "top_p"))
+def _generate(model: Transformer, params, src: jnp.ndarray, src_mask: jnp.ndarray, key: jax.Array, *,
+              max_new_tokens: int, bos_id: int, eos_id: int, beam_size: int, alpha: float, temperature: float,
+              top_k: int, top_p: float) -> tuple[jnp.ndarray, jnp.ndarray]:
+    memory = model.apply({"params": params}, src, src_mask, method=model.encode)  # [B, S, D]
+    if beam_size > 1:
+        return beam_search(model, params, memory, src_mask, max_new_tokens=max_new_tokens, bos_id=bos_id,
+                           eos_id=eos_id, beam_size=beam_size, alpha=alpha)
+    return sample(model, params, memory, src_mask, max_new_tokens=max_new_tokens, bos_id=bos_id, eos_id=eos_id,
+                  temperature=temperature, top_k=top_k, top_p=top_p, key=key)
+
+
+def filter_logits(logits: jnp.ndarray, top_k: int, top_p: float) -> jnp.ndarray:
+    """logits (B, V) with every token outside the top_k (0: none) and outside the nucleus top_p set to the
+    dtype's most negative value. The nucleus is the smallest set of most likely tokens whose probability
+    reaches top_p (ties at its edge are kept)."""
+    floor = jnp.finfo(logits.dtype).min
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]  # [B, 1]
+        logits = jnp.where(logits < kth, floor, logits)  # [B, V]
+    if top_p < 1.0:
+        ranked = jnp.sort(logits, axis=-1, descending=True)  # [B, V]
+        probs = jax.nn.softmax(ranked, -1)  # [B, V]
+        kept = ((jnp.cumsum(probs, -1) - probs) < top_p).sum(-1, keepdims=True)  # [B, 1], at least 1
+        logits = jnp.where(logits < jnp.take_along_axis(ranked, kept - 1, -1), floor, logits)  # [B, V]
+    return logits
+
+
+def next_token(logits: jnp.ndarray, temperature: float, top_k: int, top_p: float, key: jax.Array) -> jnp.ndarray:
+    """logits (B, V) -> token ids (B,): argmax at temperature 0, else a draw from the filtered softmax."""
+    if temperature == 0.0:
+        return logits.argmax(-1)  # [B]
+    return jax.random.categorical(key, filter_logits(logits / temperature, top_k, top_p), axis=-1)  # [B]
+
+
+def sample(model: Transformer, params, memory: jnp.ndarray, src_mask: jnp.ndarray, *, max_new_tokens: int,
+           bos_id: int, eos_id: int, temperature: float, top_k: int, top_p: float,
+           key: jax.Array) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Greedy or sampled tokens (B, N) for memory (B, S, D) and the number of steps taken n (columns after n: pad)."""
+    b, pad_id = memory.shape[0], model.cfg.pad_id
+    cache = model.apply({"params": params}, memory, src_mask, max_new_tokens, method=model.init_cache)
+    out = jnp.full((b, max_new_tokens), pad_id, dtype=jnp.int32)  # [B, N]
+    token = jnp.full((b, 1), bos_id, dtype=jnp.int32)  # [B, 1]
+    fed = jnp.ones((b, 1), dtype=jnp.bool_)  # [B, 1]
+
+    def cond(carry):
+        steps, _, _, _, done = carry
+        return (steps < max_new_tokens) & ~done.all()
+
+    def body(carry):
+        steps, out, token, cache, done = carry
+        logits, cache = model.apply({"params": params}, token, None, None, fed, cache, method=model.decode)  # [B, 1, V]
+        chosen = next_token(_at_least_float32(logits[:, -1]), temperature, top_k, top_p,
+                            jax.random.fold_in(key, steps))  # [B]
+        chosen = jnp.where(done, pad_id, chosen).astype(jnp.int32)  # [B]
+        return steps + 1, out.at[:, steps].set(chosen), chosen[:, None], cache, done | (chosen == eos_id)
+
+    steps, out, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), out, token, cache,
+                                                          jnp.zeros(b, dtype=jnp.bool_)))
+    return out, steps
+
+
+def beam_search(model: Transformer, params, memory: jnp.ndarray, src_mask: jnp.ndarray, *, max_new_tokens: int,
+                bos_id: int, eos_id: int, beam_size: int, alpha: float) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The best hypothesis (B, N) of a beam search over memory (B, S, D) and the number of steps taken n.
+
+    Each step extends the K live hypotheses by every token, keeps the 2K best by summed log-probability,
+    moves those ending in EOS into a separate pool of K finished ones (scored with the length penalty),
+    and keeps the K best others live. It stops when every row's worst finished score beats the best
+    score its live hypotheses could still reach (alpha >= 0: log-probabilities only fall, the penalty
+    only grows up to max_new_tokens), or after max_new_tokens. Rows without a finished hypothesis
+    return their best live one.
+    """
+    b, k, n, pad_id = memory.shape[0], beam_size, max_new_tokens, model.cfg.pad_id
+    vocab = model.cfg.tgt_vocab_size
+    cache = model.apply({"params": params}, memory, src_mask, n, method=model.init_cache)
+    cache = _map_cache(cache, lambda x: jnp.repeat(x, k, axis=0), self_only=False)
+    dtype = jnp.promote_types(memory.dtype, jnp.float32)
+    live_tokens = jnp.full((b, k, n), pad_id, dtype=jnp.int32)  # [B, K, N]
+    live_logp = jnp.full((b, k), NEG_INF, dtype=dtype).at[:, 0].set(0.0)  # [B, K]
+    fin_tokens = jnp.full((b, k, n), pad_id, dtype=jnp.int32)  # [B, K, N]
+    fin_scores = jnp.full((b, k), NEG_INF, dtype=dtype)  # [B, K]
+    token = jnp.full((b * k, 1), bos_id, dtype=jnp.int32)  # [B*K, 1]
+    fed = jnp.ones((b * k, 1), dtype=jnp.bool_)  # [B*K, 1]
+    first_row = jnp.arange(b)[:, None] * k  # [B, 1]
+
+    def cond(carry):
+        steps, *_, finished = carry
+        return (steps < n) & ~finished
+
+    def body(carry):
+        steps, live_tokens, live_logp, fin_tokens, fin_scores, token, cache, _ = carry
+        logits, cache = model.apply({"params": params}, token, None, None, fed, cache, method=model.decode)  # [B*K, 1, V]
+        logp = jax.nn.log_softmax(_at_least_float32(logits[:, -1]), -1).reshape(b, k, vocab)  # [B, K, V]
+        top_logp, top_index = jax.lax.top_k((live_logp[:, :, None] + logp).reshape(b, k * vocab), 2 * k)  # [B, 2K]
+        parent, chosen = top_index // vocab, (top_index % vocab).astype(jnp.int32)  # [B, 2K]
+        seqs = jnp.take_along_axis(live_tokens, parent[:, :, None], 1).at[:, :, steps].set(chosen)  # [B, 2K, N]
+        ended = chosen == eos_id  # [B, 2K]
+        scores = jnp.concatenate([fin_scores, jnp.where(ended, top_logp / length_penalty(steps + 1, alpha),
+                                                        NEG_INF)], 1)  # [B, 3K]
+        fin_scores, pick = jax.lax.top_k(scores, k)  # [B, K]
+        fin_tokens = jnp.take_along_axis(jnp.concatenate([fin_tokens, seqs], 1), pick[:, :, None], 1)  # [B, K, N]
+        live_logp, pick = jax.lax.top_k(jnp.where(ended, NEG_INF, top_logp), k)  # [B, K]
+        live_tokens = jnp.take_along_axis(seqs, pick[:, :, None], 1)  # [B, K, N]
+        rows = (first_row + jnp.take_along_axis(parent, pick, 1)).reshape(-1)  # [B*K]
+        cache = _map_cache(cache, lambda x: jnp.take(x, rows, axis=0), self_only=True)
+        token = jnp.take_along_axis(chosen, pick, 1).reshape(b * k, 1)  # [B*K, 1]
+        finished = (fin_scores[:, -1] > live_logp[:, 0] / length_penalty(n, alpha)).all()
+        return steps + 1, live_tokens, live_logp, fin_tokens, fin_scores, token, cache, finished
+
+    steps, live_tokens, _, fin_tokens, fin_scores, *_ = jax.lax.while_loop(
+        cond, body, (jnp.int32(0), live_tokens, live_logp, fin_tokens, fin_scores, token, cache, jnp.bool_(False)))
+    has_finished = (fin_scores[:, 0] > NEG_INF / 2)[:, None]  # [B, 1]
+    return jnp.where(has_finished, fin_tokens[:, 0], live_tokens[:, 0]), steps  # [B, N]
+
+
+def cross_attention_weights(model: Transformer, params: Mapping[str, Any], src: jnp.ndarray, tgt: jnp.ndarray,
+                            src_mask: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Cross-attention weights (num_decoder_layers, B, H, T, S) of the teacher-forced pass of src (B, S), tgt (B, T)."""
+    if isinstance(params, Mapping) and set(params) == {"params"}:
+        params = params["params"]
+    src, tgt = jnp.asarray(src), jnp.asarray(tgt)
+    src_pad = padding_mask(src, model.cfg.pad_id, src_mask, "src_mask")  # [B, S]
+    _, state = model.apply({"params": params}, src, tgt, src_pad, jnp.ones(tgt.shape, dtype=jnp.bool_),
+                           capture_intermediates=lambda mdl, _: mdl.name in ("q_proj", "k_proj"),
+                           mutable=["intermediates"])
+    layers = state["intermediates"]["decoder"]
+    heads = model.cfg.num_heads
+    weights = []
+    for i in range(model.cfg.num_decoder_layers):
+        captured = layers[f"layers_{i}"]["cross_attn"]
+        q, k = captured["q_proj"]["__call__"][0], captured["k_proj"]["__call__"][0]  # [B, T, D], [B, S, D]
+        q = q.reshape(*q.shape[:2], heads, -1).transpose(0, 2, 1, 3)  # [B, H, T, K]
+        k = k.reshape(*k.shape[:2], heads, -1).transpose(0, 2, 1, 3)  # [B, H, S, K]
+        logits = jnp.where(src_pad[:, None, None, :], q @ k.transpose(0, 1, 3, 2) / math.sqrt(q.shape[-1]),
+                           jnp.finfo(q.dtype).min)  # [B, H, T, S]
+        weights.append(jax.nn.softmax(logits, -1) * src_pad.any(-1)[:, None, None, None])  # [B, H, T, S]
+    return jnp.stack(weights)  # [L, B, H, T, S]
+
+
+def _at_least_float32(x: jnp.ndarray) -> jnp.ndarray:
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _check_source(src: jnp.ndarray, vocab_size: int, max_len: int) -> None:
+    """The checks `Transformer.encode` makes on concrete ids: (B, S) integers in [0, V), S <= max_len."""
+    if src.ndim != 2:
+        raise ValueError(f"src must have shape (B, L), got {tuple(src.shape)}")
+    if not jnp.issubdtype(src.dtype, jnp.integer):
+        raise TypeError(f"token ids must be an integer array, got {src.dtype}")
+    if src.shape[1] > max_len:
+        raise ValueError(f"sequence length {src.shape[1]} exceeds max_len {max_len}")
+    if src.size:
+        lo, hi = int(jnp.min(src)), int(jnp.max(src))
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"token ids must be in [0, {vocab_size}), got values in [{lo}, {hi}]")
+
+
+def _map_cache(cache: dict, fn, self_only: bool) -> dict:
+    """Apply fn to the cache's per-sequence arrays: all of them, or (self_only) those a beam reorder changes."""
+    shared = () if self_only else ("cross_k", "cross_v")
+    return {**cache, "tgt_mask": fn(cache["tgt_mask"]), "src_mask": cache["src_mask"] if self_only else
+            fn(cache["src_mask"]), "layers": [{name: fn(x) if name in ("self_k", "self_v") + shared else x
+                                               for name, x in layer.items()} for layer in cache["layers"]]}
