@@ -39,7 +39,10 @@ tokens/s: below 1, the twin is slower. spread = slowest / fastest repetition - 1
 a load average above 0 before the run, means other processes shared the CPU.
 Model: `--layers` encoder and decoder layers each (default 2 + 2), heads d_model // 64, d_ff
 4 * d_model (256: 4 heads, d_ff 1024; 512: 8 heads, 2048), vocab 1000, post-LN, relu, batch 32,
-source 32, 64 new tokens. Thread counts are the frameworks' defaults.
+source 32, 64 new tokens. Thread counts are the frameworks' defaults unless `--torch-threads` sets
+torch's (restored on return); `--quick` uses 1 torch thread, because 2 torch threads on 2 cores
+that other processes keep busy make each of the many small decoding ops wait for a descheduled
+thread (measured: ~0.2 s per step of a d_model 64 model, against ~1 ms with 1 thread).
 
 Target (issue 4, "Speed"): the twins' greedy decoding reaches at least 5x the peer's tokens/s at
 d_model 256 and 512 (64 new tokens: the peer's prefix recomputation costs about 65/2 times the
@@ -264,17 +267,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=50, help="sampling top-k (default 50)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls, at least 1 (default 1)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per entry, the fastest counts (default 3)")
+    parser.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's own)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-peer-fast-path", dest="peer_fast_path", action="store_false",
                         help="leave out the peer with PyTorch's MHA fast path on")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: d_model 64, 1 layer, batch 2, source 8, 4 new tokens, vocab 128, "
-                             "1 warm-up, 1 repetition")
+                             "1 torch thread, 1 warm-up, 1 repetition")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write settings, environment and results here")
     args = parser.parse_args(argv)
     if args.quick:
         args.d_model, args.layers, args.batch, args.src_len, args.new_tokens, args.vocab = [64], 1, 2, 8, 4, 128
-        args.warmup, args.repeats = 1, 1
+        args.warmup, args.repeats, args.torch_threads = 1, 1, 1
+    if args.torch_threads is not None and args.torch_threads < 1:
+        parser.error("--torch-threads must be at least 1")
     if args.warmup < 1 or args.repeats < 1 or args.new_tokens < 1 or args.beam_size < 1:
         parser.error("--warmup, --repeats, --new-tokens and --beam-size must be at least 1")
     if not 0 < args.top_k < args.vocab - 3:
@@ -286,6 +292,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.torch_threads is not None:
+        torch.set_num_threads(args.torch_threads)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace) -> int:
     wall_start = time.perf_counter()
     env = environment()
     print(f"torch {env['torch']} ({env['torch_threads']} threads), jax {env['jax']}, flax {env['flax']}, "
