@@ -1,4 +1,4 @@
-"""Training the Flax twin: label-smoothed loss, Adam with the paper's schedule, one step, greedy decoding.
+"""Training the Flax twin: label-smoothed loss, Adam with the paper's schedule, one step.
 
 Mirrors `torch_tx/train.py` name for name. `train_step(state, batch, rng) -> (state, metrics)` is
 pure and jitted with the state donated; dropout keys are `fold_in(rng, state.step)`. The loop around
@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from jax_tx.decoding import generate
 from jax_tx.model import Transformer
 from parity.batching import Batch
 from parity.config import TransformerConfig
@@ -85,31 +86,6 @@ def eval_step(state: train_state.TrainState, batch: Mapping[str, jnp.ndarray], *
     return loss_terms(logits, batch["labels"], cfg.pad_id, tcfg.label_smoothing)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "bos_id", "eos_id"))
-def greedy_decode(model: Transformer, params, src: jnp.ndarray, *, max_new_tokens: int, bos_id: int,
-                  eos_id: int) -> jnp.ndarray:
-    """Greedy tokens (B, max_new_tokens) without BOS, pad after EOS. Re-runs the decoder on the prefix."""
-    pad_id = model.cfg.pad_id
-    steps = min(max_new_tokens, model.cfg.max_len - 1)
-    src_mask = src != pad_id  # [B, S]
-    memory = model.apply({"params": params}, src, src_mask, method=model.encode)  # [B, S, D]
-    out = jnp.full((src.shape[0], steps + 1), pad_id, dtype=src.dtype).at[:, 0].set(bos_id)  # [B, L + 1]
-    tgt_mask = jnp.ones_like(out, dtype=bool)  # [B, L + 1]
-
-    def cond(carry):
-        t, _, done = carry
-        return (t < steps) & ~done.all()
-
-    def body(carry):
-        t, out, done = carry
-        logits = model.apply({"params": params}, out, memory, src_mask, tgt_mask, method=model.decode)  # [B, L+1, V]
-        token = jnp.where(done, pad_id, logits[:, t].argmax(-1).astype(out.dtype))  # [B]
-        return t + 1, out.at[:, t + 1].set(token), done | (token == eos_id)
-
-    _, out, _ = jax.lax.while_loop(cond, body, (0, out, jnp.zeros(src.shape[0], dtype=bool)))
-    return out[:, 1:]
-
-
 class Trainer:
     """The JAX side of `parity.train`: a flax TrainState, the dropout key and the jitted step."""
 
@@ -148,7 +124,7 @@ class Trainer:
         return {k: float(v) for k, v in jax.device_get(self._eval_step(self.train_state, self._arrays(batch))).items()}
 
     def greedy(self, src: np.ndarray, *, max_new_tokens: int, bos_id: int, eos_id: int) -> np.ndarray:
-        return np.asarray(greedy_decode(self.model, self.train_state.params, jax.device_put(src, self.device),
+        return np.asarray(generate(self.model, self.train_state.params, jax.device_put(src, self.device),
                                         max_new_tokens=max_new_tokens, bos_id=bos_id, eos_id=eos_id))
 
     def weights(self) -> dict[str, np.ndarray]:

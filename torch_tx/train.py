@@ -1,4 +1,4 @@
-"""Training the torch twin: label-smoothed loss, Adam with the paper's schedule, one step, greedy decoding.
+"""Training the torch twin: label-smoothed loss, Adam with the paper's schedule, one step.
 
 Mirrors `jax_tx/train.py` name for name. The loop around it (data, logging, checkpoints) is
 `parity.train`, shared by both frameworks. State goes in and out in canonical names (numpy), so a
@@ -16,6 +16,7 @@ from parity.batching import Batch
 from parity.config import TransformerConfig
 from parity.convert import to_numpy, to_torch
 from parity.train import TrainConfig, TrainState, learning_rate
+from torch_tx.decoding import generate
 from torch_tx.model import Transformer
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -88,25 +89,6 @@ def eval_step(model: Transformer, batch: Mapping[str, torch.Tensor], tcfg: Train
     return loss_terms(logits, batch["labels"], model.cfg.pad_id, tcfg.label_smoothing)
 
 
-@torch.no_grad()
-def greedy_decode(model: Transformer, src: torch.Tensor, *, max_new_tokens: int, bos_id: int,
-                  eos_id: int) -> torch.Tensor:
-    """Greedy tokens (B, <= max_new_tokens) without BOS, pad after EOS. Re-runs the decoder on the prefix."""
-    model.eval()
-    src_mask = src != model.cfg.pad_id  # [B, S]
-    memory = model.encode(src, src_mask)  # [B, S, D]
-    out = torch.full((src.shape[0], 1), bos_id, dtype=src.dtype, device=src.device)  # [B, 1]
-    done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)  # [B]
-    for _ in range(min(max_new_tokens, model.cfg.max_len - 1)):
-        logits = model.decode(out, memory, src_mask, torch.ones_like(out, dtype=torch.bool))  # [B, t, V]
-        token = logits[:, -1].argmax(-1).masked_fill(done, model.cfg.pad_id)  # [B]
-        out = torch.cat([out, token[:, None]], 1)  # [B, t + 1]
-        done |= token == eos_id
-        if bool(done.all()):
-            break
-    return out[:, 1:]
-
-
 class Trainer:
     """The torch side of `parity.train`: model, optimizer, schedule and dropout RNG on one device."""
 
@@ -135,7 +117,7 @@ class Trainer:
 
     def greedy(self, src: np.ndarray, *, max_new_tokens: int, bos_id: int, eos_id: int) -> np.ndarray:
         src_t = torch.from_numpy(src).to(self.device, torch.long)
-        return greedy_decode(self.model, src_t, max_new_tokens=max_new_tokens, bos_id=bos_id, eos_id=eos_id).cpu().numpy()
+        return generate(self.model, src_t, max_new_tokens=max_new_tokens, bos_id=bos_id, eos_id=eos_id).cpu().numpy()
 
     def weights(self) -> dict[str, np.ndarray]:
         return {k: to_numpy(v) for k, v in self.model.state_dict().items()}

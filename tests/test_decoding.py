@@ -1,0 +1,392 @@
+"""Decoding: the KV cache against the full forward pass, and `generate` (greedy, beam, sampling) across the twins.
+
+Weights come from one twin's initializer (or the trained tests/data/tiny_run) and are converted into
+the other; greedy and beam search must give the same tokens in both, float64 on random models and
+float32 on the trained one. Beam search is also checked against an exhaustive search on a tiny vocabulary.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jax_tx
+import torch_tx
+from parity import suite
+from parity.checkpoint import load_checkpoint
+from parity.config import TransformerConfig
+from parity.convert import canonical_to_flax, to_torch
+from parity.decoding import length_penalty
+from parity.tokenizer import Tokenizer
+from strategies import configs, inputs
+
+TINY_RUN = Path(__file__).parent / "data" / "tiny_run"
+BOS, EOS = 1, 2
+
+
+class Twins:
+    """Both twins on the same canonical weights, in one dtype."""
+
+    def __init__(self, cfg: TransformerConfig, weights, dtype: str = "float64"):
+        self.cfg = cfg
+        self.torch = torch_tx.Transformer(cfg).to(getattr(torch, dtype)).eval()
+        self.torch.load_state_dict({k: to_torch(np.asarray(v)) for k, v in weights.items()})
+        self.flax = jax_tx.Transformer(cfg)
+        self.params = jax.tree.map(lambda a: jnp.asarray(a, dtype), canonical_to_flax(weights, cfg))
+
+    @classmethod
+    def random(cls, cfg: TransformerConfig, source: str = "torch", seed: int = 0, dtype: str = "float64") -> "Twins":
+        return cls(cfg, suite.init_canonical(cfg, source, seed), dtype)
+
+    def generate(self, src: np.ndarray, **kw) -> tuple[np.ndarray, np.ndarray]:
+        """(torch tokens, jax tokens) as numpy."""
+        kw = {"bos_id": BOS, "eos_id": EOS, **kw}
+        tokens_t = torch_tx.generate(self.torch, torch.from_numpy(src).long(), **kw).numpy()
+        tokens_j = np.asarray(jax_tx.generate(self.flax, self.params, jnp.asarray(src, jnp.int32), **kw))
+        return tokens_t, tokens_j
+
+
+def _rel(got, ref) -> float:
+    return suite.errors(np.asarray(got), np.asarray(ref))[1]
+
+
+def _sources(cfg: TransformerConfig, rng: np.random.Generator, batch: int = 3, length: int = 6) -> np.ndarray:
+    lengths = rng.integers(1, length + 1, size=batch)  # [B]
+    ids = rng.integers(1, cfg.src_vocab_size, size=(batch, length))  # [B, S]
+    return np.where(np.arange(length)[None, :] < lengths[:, None], ids, cfg.pad_id).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------ the KV cache
+
+@settings(max_examples=8)
+@given(data=st.data(), cfg=configs(), seed=st.integers(0, 2**31 - 1))
+def test_cached_decoding_equals_the_full_forward_pass(data, cfg, seed):
+    """Feeding the target in chunks through the cache gives the full pass's logits (float64 <= 1e-10), in both
+    twins, and the Flax twin's cached logits equal the torch twin's full pass."""
+    batch = data.draw(inputs(cfg, allow_empty_source=False))
+    twins = Twins.random(cfg, data.draw(st.sampled_from(suite.TWINS)), seed)
+    t_len = batch.tgt.shape[1]
+    cuts = sorted(data.draw(st.sets(st.integers(1, t_len - 1), max_size=3)) if t_len > 1 else [])
+    chunks = list(zip([0, *cuts], [*cuts, t_len]))
+
+    src, tgt = torch.from_numpy(batch.src), torch.from_numpy(batch.tgt)
+    src_mask, tgt_mask = torch.from_numpy(batch.src_mask), torch.from_numpy(batch.tgt_mask)
+    full = twins.torch(src, tgt, src_mask, tgt_mask).detach().numpy()  # [B, T, V]
+    cache = twins.torch.init_cache(twins.torch.encode(src, src_mask), src_mask, length=cfg.max_len)
+    steps_t = []
+    for a, b in chunks:
+        logits, cache = twins.torch.decode(tgt[:, a:b], None, tgt_mask=tgt_mask[:, a:b], cache=cache)  # [B, b-a, V]
+        steps_t.append(logits.detach().numpy())
+    assert cache["index"] == t_len
+
+    fm, variables = twins.flax, {"params": twins.params}
+    jsrc, jsrc_mask = jnp.asarray(batch.src), jnp.asarray(batch.src_mask)
+    memory = fm.apply(variables, jsrc, jsrc_mask, method=fm.encode)  # [B, S, D]
+    jcache = fm.apply(variables, memory, jsrc_mask, cfg.max_len, method=fm.init_cache)
+    steps_j = []
+    for a, b in chunks:
+        logits, jcache = fm.apply(variables, jnp.asarray(batch.tgt[:, a:b]), None, None,
+                                  jnp.asarray(batch.tgt_mask[:, a:b]), jcache, method=fm.decode)  # [B, b-a, V]
+        steps_j.append(np.asarray(logits))
+    assert int(jcache["index"]) == t_len
+    full_j = np.asarray(fm.apply(variables, jsrc, jnp.asarray(batch.tgt), jsrc_mask, jnp.asarray(batch.tgt_mask)))
+
+    assert _rel(np.concatenate(steps_t, 1), full) <= 1e-10
+    assert _rel(np.concatenate(steps_j, 1), full_j) <= 1e-10
+    assert _rel(np.concatenate(steps_j, 1), full) <= 1e-10
+
+
+def test_init_cache_layout_and_cross_attention_computed_once():
+    cfg = TransformerConfig(11, 13, d_model=8, num_heads=2, num_encoder_layers=1, num_decoder_layers=2, d_ff=16,
+                            dropout=0.0, max_len=10)
+    twins = Twins.random(cfg)
+    src = torch.tensor([[4, 5, 6, 0]])
+    memory = twins.torch.encode(src, src != 0)  # [1, 4, 8]
+    cache = twins.torch.init_cache(memory, src != 0, length=5)
+    assert cache["index"] == 0 and cache["tgt_mask"].shape == (1, 5) and cache["src_mask"].tolist() == [[1, 1, 1, 0]]
+    assert len(cache["layers"]) == 2
+    layer = cache["layers"][0]
+    assert layer["self_k"].shape == (1, 2, 5, 4) and layer["cross_k"].shape == (1, 2, 4, 4)
+    k, v = twins.torch.decoder.layers[0].cross_attn.project_kv(memory)
+    assert torch.equal(layer["cross_k"], k) and torch.equal(layer["cross_v"], v)
+    calls = []
+    hook = twins.torch.decoder.layers[0].cross_attn.k_proj.register_forward_hook(lambda *a: calls.append(1))
+    for token in (BOS, 7, 8):
+        _, cache = twins.torch.decode(torch.tensor([[token]]), None, cache=cache)
+    hook.remove()
+    assert calls == [] and cache["index"] == 3
+    assert cache["tgt_mask"].tolist() == [[True, True, True, False, False]]
+
+
+def test_jax_cache_is_a_pure_pytree():
+    cfg = TransformerConfig(11, 13, d_model=8, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, d_ff=16,
+                            dropout=0.0, max_len=10)
+    twins = Twins.random(cfg)
+    fm, variables = twins.flax, {"params": twins.params}
+    src = jnp.asarray([[4, 5, 6]])
+    cache = fm.apply(variables, fm.apply(variables, src, method=fm.encode), method=fm.init_cache)
+    before = jax.tree.map(np.array, cache)
+    logits_a, after = fm.apply(variables, jnp.asarray([[BOS]]), None, cache=cache, method=fm.decode)
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, cache))
+    logits_b, _ = fm.apply(variables, jnp.asarray([[BOS]]), None, cache=cache, method=fm.decode)
+    np.testing.assert_array_equal(np.asarray(logits_a), np.asarray(logits_b))
+    assert int(after["index"]) == 1 and jax.tree.structure(after) == jax.tree.structure(cache)
+
+
+@pytest.mark.parametrize("twin", ["torch", "jax"])
+def test_cache_misuse_is_a_clear_error(twin):
+    cfg = TransformerConfig(11, 13, d_model=8, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, d_ff=16,
+                            dropout=0.0, max_len=10)
+    twins = Twins.random(cfg)
+    if twin == "torch":
+        m = twins.torch
+        memory = m.encode(torch.tensor([[4, 5]]))
+
+        def init(length):
+            return m.init_cache(memory, length=length)
+
+        def decode(tgt, cache, mem=None):
+            return m.decode(torch.tensor(tgt), mem, cache=cache)
+    else:
+        fm, variables = twins.flax, {"params": twins.params}
+        memory = fm.apply(variables, jnp.asarray([[4, 5]]), method=fm.encode)
+
+        def init(length):
+            return fm.apply(variables, memory, None, length, method=fm.init_cache)
+
+        def decode(tgt, cache, mem=None):
+            return fm.apply(variables, jnp.asarray(tgt), mem, cache=cache, method=fm.decode)
+    with pytest.raises(ValueError, match="cache length must be in"):
+        init(11)
+    cache = init(2)
+    with pytest.raises(ValueError, match="pass memory=None"):
+        decode([[BOS]], cache, memory)
+    with pytest.raises(ValueError, match="batch size 2, the cache 1"):
+        decode([[BOS], [BOS]], cache)
+    _, cache = decode([[BOS, 5]], cache)
+    with pytest.raises(ValueError, match="the cache holds 2 positions and 2 are used"):
+        decode([[6]], cache)
+
+
+# ----------------------------------------------------------------------------------- greedy and beams
+
+@settings(max_examples=10)
+@given(cfg=configs(), source=st.sampled_from(suite.TWINS), seed=st.integers(0, 2**31 - 1),
+       beam_size=st.sampled_from([1, 2, 3]), alpha=st.sampled_from([0.0, 0.6, 1.5]), eos=st.integers(2, 6))
+def test_greedy_and_beam_tokens_match_across_twins(cfg, source, seed, beam_size, alpha, eos):
+    twins = Twins.random(cfg, source, seed)
+    src = _sources(cfg, np.random.default_rng(seed))
+    tokens_t, tokens_j = twins.generate(src, max_new_tokens=8, beam_size=beam_size, length_penalty=alpha, eos_id=eos)
+    np.testing.assert_array_equal(tokens_t, tokens_j)
+    assert 1 <= tokens_t.shape[1] <= 8
+
+
+def _greedy_by_prefix_recomputation(model: torch_tx.Transformer, src: torch.Tensor, steps: int) -> np.ndarray:
+    """The textbook loop: re-run the decoder on the whole prefix at every step, no cache."""
+    src_mask = src != model.cfg.pad_id
+    memory = model.encode(src, src_mask)
+    out = torch.full((src.shape[0], 1), BOS)
+    for _ in range(steps):
+        logits = model.decode(out, memory, src_mask, torch.ones_like(out, dtype=torch.bool))  # [B, t, V]
+        out = torch.cat([out, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return out[:, 1:].numpy()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    cfg, weights = load_checkpoint(TINY_RUN)
+    tokenizer = Tokenizer.load(TINY_RUN)
+    from parity.data import load_corpus
+
+    pairs = load_corpus("builtin").test[:48]
+    encoded = [np.append(ids, tokenizer.eos_id) for ids in tokenizer.encode([p[0] for p in pairs])]
+    src = np.zeros((len(encoded), 32), dtype=np.int64)
+    for row, ids in enumerate(encoded):
+        src[row, :len(ids)] = ids
+    return Twins(cfg, weights, "float32"), tokenizer, src, [p[1] for p in pairs]
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_trained_checkpoint_float32_same_tokens_in_both_twins(trained, beam_size):
+    twins, tokenizer, src, references = trained
+    tokens_t, tokens_j = twins.generate(src, max_new_tokens=48, beam_size=beam_size, eos_id=tokenizer.eos_id)
+    np.testing.assert_array_equal(tokens_t, tokens_j)
+    assert tokens_t.shape[1] < 48  # every sentence ended: the loop stopped early
+    for row in tokens_t:
+        ended = np.flatnonzero(row == tokenizer.eos_id)
+        assert ended.size and (row[ended[0] + 1:] == tokenizer.pad_id).all()
+    hypotheses = [tokenizer.decode(row) for row in tokens_t]
+    assert np.mean([h == r for h, r in zip(hypotheses, references)]) >= 0.9
+
+
+def test_cached_greedy_equals_prefix_recomputation_on_the_trained_checkpoint(trained):
+    twins, tokenizer, src, _ = trained
+    tokens = torch_tx.generate(twins.torch, torch.from_numpy(src), max_new_tokens=48, bos_id=BOS,
+                               eos_id=tokenizer.eos_id).numpy()
+    reference = _greedy_by_prefix_recomputation(twins.torch, torch.from_numpy(src), tokens.shape[1])
+    for row, ref in zip(tokens, reference):
+        end = np.flatnonzero(ref == tokenizer.eos_id)
+        stop = end[0] + 1 if end.size else len(ref)
+        np.testing.assert_array_equal(row[:stop], ref[:stop])
+        assert (row[stop:] == tokenizer.pad_id).all()
+
+
+@pytest.mark.parametrize("seed,alpha", [(0, 0.0), (1, 0.6), (2, 2.0), (3, 0.6)])
+def test_beam_search_finds_the_exhaustive_optimum(seed, alpha):
+    """Vocabulary 5, 3 new tokens: with 16 beams nothing is pruned, so beam search must return the best
+    finished hypothesis of all 4 + 16 + 64 ending in EOS (score log p / ((5 + len) / 6) ** alpha)."""
+    cfg = TransformerConfig(9, 5, d_model=16, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, d_ff=32,
+                            dropout=0.0, max_len=8)
+    twins = Twins.random(cfg, "torch", seed)
+    twins.torch.generator.weight.data *= 8.0  # peakier distributions: EOS is sometimes likely, sometimes not
+    twins = Twins(cfg, {k: v.numpy() for k, v in twins.torch.state_dict().items()})
+    src = np.array([[3, 4, 5, 6]])
+    memory = twins.torch.encode(torch.from_numpy(src))
+    best, best_score = None, -np.inf
+    for length in (1, 2, 3):
+        for body in itertools.product([t for t in range(5) if t != EOS], repeat=length - 1):
+            seq = [*body, EOS]
+            tgt = torch.tensor([[BOS, *seq[:-1]]])
+            logp = torch.log_softmax(twins.torch.decode(tgt, memory, tgt_mask=torch.ones_like(tgt, dtype=torch.bool)), -1)
+            score = float(logp[0, torch.arange(length), torch.tensor(seq)].sum().detach()) / length_penalty(length, alpha)
+            if score > best_score:
+                best, best_score = seq, score
+    tokens_t, tokens_j = twins.generate(src, max_new_tokens=3, beam_size=16, length_penalty=alpha)
+    assert tokens_t[0, :len(best)].tolist() == best and (tokens_t[0, len(best):] == cfg.pad_id).all()
+    np.testing.assert_array_equal(tokens_t, tokens_j)
+
+
+# --------------------------------------------------------------------------------------------- sampling
+
+def test_filter_logits_by_hand():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
+    for filter_logits, convert in ((torch_tx.decoding.filter_logits, torch.from_numpy),
+                                   (jax_tx.decoding.filter_logits, jnp.asarray)):
+        def kept(top_k, top_p):
+            out = np.asarray(filter_logits(convert(logits), top_k, top_p))
+            return (out > np.finfo(out.dtype).min).astype(int)[0].tolist()
+
+        assert kept(0, 1.0) == [1, 1, 1, 1]
+        assert kept(2, 1.0) == [1, 1, 0, 0]
+        assert kept(0, 0.5) == [1, 0, 0, 0]
+        assert kept(0, 0.51) == [1, 1, 0, 0]
+        assert kept(0, 0.9) == [1, 1, 1, 0]
+        assert kept(3, 0.6) == [1, 1, 0, 0]
+        assert kept(1, 1e-9) == [1, 0, 0, 0]
+
+
+@given(seed=st.integers(0, 2**31 - 1), top_k=st.sampled_from([0, 1, 3, 7]), top_p=st.sampled_from([1.0, 0.9, 0.3]))
+def test_filter_logits_match_across_twins(seed, top_k, top_p):
+    logits = np.random.default_rng(seed).standard_normal((4, 13)) * 3  # [B, V]
+    out_t = torch_tx.decoding.filter_logits(torch.from_numpy(logits), top_k, top_p).numpy()
+    out_j = np.asarray(jax_tx.decoding.filter_logits(jnp.asarray(logits), top_k, top_p))
+    np.testing.assert_array_equal(out_t, out_j)
+
+
+@pytest.fixture(scope="module")
+def small_twins():
+    cfg = TransformerConfig(11, 9, d_model=16, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, d_ff=32,
+                            dropout=0.0, max_len=12)
+    return Twins.random(cfg, "torch", 7)
+
+
+def test_sampling_is_reproducible_from_the_seed(small_twins):
+    src = _sources(small_twins.cfg, np.random.default_rng(0), batch=4)
+    kw = dict(max_new_tokens=10, temperature=1.0, top_k=0, top_p=1.0)
+    t1, j1 = small_twins.generate(src, seed=5, **kw)
+    t2, j2 = small_twins.generate(src, seed=5, **kw)
+    t3, j3 = small_twins.generate(src, seed=6, **kw)
+    np.testing.assert_array_equal(t1, t2)
+    np.testing.assert_array_equal(j1, j2)
+    assert not np.array_equal(t1, t3) and not np.array_equal(j1, j3)
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=1), dict(top_p=1e-9), dict(temperature=1e-4)], ids=str)
+def test_sampling_that_can_only_pick_the_argmax_is_greedy(small_twins, kw):
+    src = _sources(small_twins.cfg, np.random.default_rng(1), batch=4)
+    greedy_t, greedy_j = small_twins.generate(src, max_new_tokens=10)
+    sampled_t, sampled_j = small_twins.generate(src, max_new_tokens=10, seed=3, **{"temperature": 1.0, **kw})
+    np.testing.assert_array_equal(sampled_t, greedy_t)
+    np.testing.assert_array_equal(sampled_j, greedy_j)
+
+
+def test_sampled_first_tokens_follow_the_model_distribution(small_twins):
+    """2,000 draws of the first token (temperature 2, top-k 4) against the filtered softmax."""
+    twins, n = small_twins, 2000
+    src = np.tile(np.array([[3, 4, 5, 6]]), (n, 1))
+    memory = twins.torch.encode(torch.from_numpy(src[:1]))
+    logits = twins.torch.decode(torch.tensor([[BOS]]), memory)[0, -1] / 2.0  # [V]
+    expected = torch_tx.decoding.filter_logits(logits[None], 4, 1.0).softmax(-1)[0].detach().numpy()  # [V]
+    for tokens in small_twins.generate(src, max_new_tokens=1, temperature=2.0, top_k=4, seed=0):
+        observed = np.bincount(tokens[:, 0], minlength=twins.cfg.tgt_vocab_size) / n
+        assert (observed[expected == 0] == 0).all()
+        assert np.abs(observed - expected).max() < 0.04  # 4 standard errors at p = 0.5
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(beam_size=0), "beam_size must be at least 1"),
+    (dict(max_new_tokens=0), r"max_new_tokens must be in \[1, max_len=12\]"),
+    (dict(max_new_tokens=13), r"max_new_tokens must be in \[1, max_len=12\]"),
+    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(top_k=-1), "top_k must be >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(length_penalty=-0.5), "length_penalty must be a finite number >= 0"),
+    (dict(beam_size=2, temperature=0.5), "beam search is deterministic"),
+    (dict(eos_id=9), r"eos_id must be a target token id in \[0, 9\)"),
+    (dict(beam_size=2.0), "beam_size must be an int"),
+], ids=lambda v: str(v) if isinstance(v, dict) else "")
+@pytest.mark.parametrize("twin", ["torch", "jax"])
+def test_bad_arguments_are_clear_errors(small_twins, twin, kw, message):
+    src = np.array([[3, 4]])
+    args = {"max_new_tokens": 5, "bos_id": BOS, "eos_id": EOS, **kw}
+    with pytest.raises(ValueError, match=message):
+        if twin == "torch":
+            torch_tx.generate(small_twins.torch, torch.from_numpy(src), **args)
+        else:
+            jax_tx.generate(small_twins.flax, small_twins.params, jnp.asarray(src), **args)
+
+
+@pytest.mark.parametrize("twin", ["torch", "jax"])
+@pytest.mark.parametrize("src,message", [
+    (np.full((1, 13), 3), "sequence length 13 exceeds max_len 12"),
+    (np.array([[3, 11]]), r"token ids must be in \[0, 11\)"),
+    (np.array([3, 4]), r"must have shape \(B, L\)"),
+])
+def test_bad_sources_are_clear_errors(small_twins, twin, src, message):
+    args = {"max_new_tokens": 5, "bos_id": BOS, "eos_id": EOS}
+    with pytest.raises(ValueError, match=message):
+        if twin == "torch":
+            torch_tx.generate(small_twins.torch, torch.from_numpy(src), **args)
+        else:
+            jax_tx.generate(small_twins.flax, small_twins.params, jnp.asarray(src), **args)
+
+
+def test_generate_restores_training_mode(small_twins):
+    small_twins.torch.train()
+    torch_tx.generate(small_twins.torch, torch.tensor([[3, 4]]), max_new_tokens=2, bos_id=BOS, eos_id=EOS)
+    assert small_twins.torch.training
+    small_twins.torch.eval()
+
+
+def test_cross_attention_weights_match_across_twins(small_twins):
+    src = _sources(small_twins.cfg, np.random.default_rng(2), batch=3)
+    tgt = np.array([[BOS, 3, 4], [BOS, 5, 5], [BOS, 6, 7]])
+    w_t = torch_tx.decoding.cross_attention_weights(small_twins.torch, torch.from_numpy(src), torch.from_numpy(tgt))
+    w_j = jax_tx.decoding.cross_attention_weights(small_twins.flax, small_twins.params, jnp.asarray(src),
+                                                  jnp.asarray(tgt))
+    assert w_t.shape == (1, 3, 2, 3, src.shape[1])
+    assert _rel(np.asarray(w_j), w_t.numpy()) <= 1e-10
+    np.testing.assert_allclose(w_t.sum(-1).numpy(), 1.0)
+    padded = np.broadcast_to((src == 0)[None, :, None, None, :], w_t.shape)
+    assert (w_t.numpy()[padded] == 0).all()
