@@ -298,12 +298,8 @@ def check_writable(path: str | os.PathLike, what: str) -> None:
 
 
 def write_file(path: str | os.PathLike, data: bytes, what: str) -> None:
-    """Atomic write; the file gets the usual permissions (0666 less the umask), not mkstemp's 0600."""
     try:
         atomic_write_bytes(path, data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(path, 0o666 & ~umask)
     except OSError as e:
         raise TranslateError(f"{what} {path}: cannot write ({e.strerror or e})") from None
 

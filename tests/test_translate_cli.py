@@ -79,9 +79,12 @@ def test_arguments_stdin_order_and_batching_agree(run_dir, capsys, monkeypatch):
 
 @pytest.mark.parametrize("beam", [1, 2])
 def test_torch_and_jax_translate_alike(run_dir, beam):
-    torch_out = Translator.load(run_dir, "torch").translate(SOURCES, beam_size=beam)
-    jax_out = Translator.load(run_dir, "jax").translate(SOURCES, beam_size=beam)
-    assert torch_out == jax_out
+    torch_tr, jax_tr = Translator.load(run_dir, "torch"), Translator.load(run_dir, "jax")
+    assert torch_tr.translate(SOURCES, beam_size=beam) == jax_tr.translate(SOURCES, beam_size=beam) == EXPECTED
+    if beam == 1:
+        found = [tr.attention(SOURCES[0]) for tr in (torch_tr, jax_tr)]
+        assert found[0].out_tokens == found[1].out_tokens and found[0].src_tokens == found[1].src_tokens
+        np.testing.assert_allclose(found[0].weights, found[1].weights, atol=1e-5)
 
 
 def test_installed_command_reads_stdin(run_dir, capsys, monkeypatch):
