@@ -45,8 +45,8 @@ that other processes keep busy make each of the many small decoding ops wait for
 thread (measured: ~0.2 s per step of a d_model 64 model, against ~1 ms with 1 thread).
 
 Target (issue 4, "Speed"): the twins' greedy decoding reaches at least 5x the peer's tokens/s at
-d_model 256 and 512 (64 new tokens: the peer's prefix recomputation costs about 65/2 times the
-positions of a cached step).
+d_model 256 and 512 (with 64 new tokens the peer's decoder runs 1 + 2 + ... + 64 = 2080 positions
+per row, a cached decoder 64; the encoder and the output layer cost both the same).
 
 Run from the repository root:
     .venv/bin/python benchmarks/bench_decode.py            # d_model 256 and 512, a few minutes
