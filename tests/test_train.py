@@ -23,7 +23,7 @@ from parity.suite import init_canonical
 from parity.tokenizer import train_tokenizer
 from parity.train import (TrainConfig, TrainError, checkpoint_dirs, learning_rate, load_training_checkpoint,
                           model_config, read_metrics, run)
-from tests.strategies import configs
+from strategies import configs
 
 TRAINERS = {"torch": tt.Trainer, "jax": jt.Trainer}
 TINY = dict(steps=12, max_tokens=256, warmup_steps=4, log_every=2, eval_every=6, save_every=6, keep=2, bucket_step=16)
