@@ -211,12 +211,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import runpy
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+    name = "bench_decode.py" if args.decode else "bench_train.py"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / name
     if not script.is_file():
-        raise SystemExit("twin bench: benchmarks/bench_train.py ships with the source repository; "
+        raise SystemExit(f"twin bench: benchmarks/{name} ships with the source repository; "
                          "run it from a clone (pip install -e .)")
     sys.argv = [str(script), *args.extra]
-    runpy.run_path(str(script), run_name="__main__")
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:  # the script's own sys.exit(status)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return 0
 
 
@@ -311,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
     b = sub.add_parser("bench", help="training-step throughput of each twin against its peer "
                        "(benchmarks/bench_train.py; arguments are passed on, e.g. --quick)")
+    b.add_argument("--decode", action="store_true", help="decoding throughput instead: greedy, beam and sampling "
+                   "with the KV cache against torch.nn.Transformer's prefix-recomputing loop "
+                   "(benchmarks/bench_decode.py)")
     b.set_defaults(func=cmd_bench)
     return parser
 

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode.py"
-
-
-def load_script():
-    """benchmarks/ is not an installed package: load the script from its path, as `twin bench` runs bench_train."""
-    spec = importlib.util.spec_from_file_location("bench_decode", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from parity import cli
 
 
 def test_bench_decode_quick_writes_a_report(tmp_path, capsys):
     report = tmp_path / "decode.json"
-    assert load_script().main(["--quick", "--json", str(report)]) == 0
+    assert cli.main(["bench", "--decode", "--quick", "--json", str(report)]) == 0
     data = json.loads(report.read_text())
     rows = data["results"]
     assert {(r["model"], r["decoding"]) for r in rows} == {
