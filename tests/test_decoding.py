@@ -186,7 +186,11 @@ def test_greedy_and_beam_tokens_match_across_twins(cfg, source, seed, beam_size,
     src = _sources(cfg, np.random.default_rng(seed))
     tokens_t, tokens_j = twins.generate(src, max_new_tokens=8, beam_size=beam_size, length_penalty=alpha, eos_id=eos)
     np.testing.assert_array_equal(tokens_t, tokens_j)
-    assert 1 <= tokens_t.shape[1] <= 8
+    ended = tokens_t == eos  # [B, n]
+    after_eos = np.cumsum(ended, 1) - ended > 0  # [B, n]: positions after the first EOS
+    assert (tokens_t[after_eos] == cfg.pad_id).all()
+    if tokens_t.shape[1] < 8:  # the loop stopped early only because every row had finished
+        assert ended.any(1).all()
 
 
 def _greedy_by_prefix_recomputation(model: torch_tx.Transformer, src: torch.Tensor, steps: int) -> np.ndarray:

@@ -31,6 +31,8 @@ def test_torch_twin_without_jax():
         cfg = TransformerConfig(5, 5, d_model=8, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, d_ff=8)
         out = torch_tx.Transformer(cfg)(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 2, dtype=torch.long))
         assert out.shape == (1, 2, 5)
+        assert torch_tx.generate(torch_tx.Transformer(cfg), torch.ones(1, 3, dtype=torch.long), max_new_tokens=4,
+                                 bos_id=1, eos_id=2).shape[0] == 1
         assert not any(m.split(".")[0] in ("jax", "flax") for m in sys.modules)
     """)
 
@@ -47,6 +49,7 @@ def test_jax_twin_without_torch():
         assert m.apply(v, ids, ids).shape == (1, 3, 5)
         sd = convert.flax_to_canonical(v["params"], cfg)
         assert "generator.weight" in sd
+        assert jax_tx.generate(m, v, ids, max_new_tokens=4, bos_id=1, eos_id=2).shape[0] == 1
         assert "torch" not in sys.modules
     """)
 
@@ -54,6 +57,7 @@ def test_jax_twin_without_torch():
 def test_parity_imports_no_framework():
     _run(set(), """
         import parity, parity.config, parity.names, parity.convert, parity.checkpoint, parity.suite, parity.cli
+        import parity.decoding, parity.translate, parity.train, parity.tokenizer, parity.data, parity.batching
         loaded = {m.split(".")[0] for m in sys.modules}
         assert not loaded & {"torch", "jax", "flax"}, loaded & {"torch", "jax", "flax"}
     """)
