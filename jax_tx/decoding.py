@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_tx.masks import padding_mask
-from jax_tx.model import Transformer
+from jax_tx.embeddings import check_token_ids
+from jax_tx.model import Transformer, _check_ids
 from parity.decoding import NEG_INF, check_generate_args, length_penalty
 
 
@@ -36,10 +37,9 @@ def generate(model: Transformer, params: Mapping[str, Any], src: jnp.ndarray, *,
     """
     check_generate_args(model.cfg, max_new_tokens=max_new_tokens, bos_id=bos_id, eos_id=eos_id, beam_size=beam_size,
                         length_penalty=length_penalty, temperature=temperature, top_k=top_k, top_p=top_p)
-    if isinstance(params, Mapping) and set(params) == {"params"}:
-        params = params["params"]
+    params = _params(params)
     src = jnp.asarray(src)
-    _check_source(src, model.cfg.src_vocab_size, model.cfg.max_len)  # under jit nothing could raise
+    _check_source(src, model.cfg.src_vocab_size, model.cfg.max_len)
     src_pad = padding_mask(src, model.cfg.pad_id, src_mask, "src_mask")  # [B, S]
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % (1 << 63))
@@ -169,8 +169,7 @@ def beam_search(model: Transformer, params, memory: jnp.ndarray, src_mask: jnp.n
 def cross_attention_weights(model: Transformer, params: Mapping[str, Any], src: jnp.ndarray, tgt: jnp.ndarray,
                             src_mask: jnp.ndarray | None = None) -> jnp.ndarray:
     """Cross-attention weights (num_decoder_layers, B, H, T, S) of the teacher-forced pass of src (B, S), tgt (B, T)."""
-    if isinstance(params, Mapping) and set(params) == {"params"}:
-        params = params["params"]
+    params = _params(params)
     src, tgt = jnp.asarray(src), jnp.asarray(tgt)
     src_pad = padding_mask(src, model.cfg.pad_id, src_mask, "src_mask")  # [B, S]
     _, state = model.apply({"params": params}, src, tgt, src_pad, jnp.ones(tgt.shape, dtype=jnp.bool_),
@@ -195,17 +194,16 @@ def _at_least_float32(x: jnp.ndarray) -> jnp.ndarray:
 
 
 def _check_source(src: jnp.ndarray, vocab_size: int, max_len: int) -> None:
-    """The checks `Transformer.encode` makes on concrete ids: (B, S) integers in [0, V), S <= max_len."""
-    if src.ndim != 2:
-        raise ValueError(f"src must have shape (B, L), got {tuple(src.shape)}")
-    if not jnp.issubdtype(src.dtype, jnp.integer):
-        raise TypeError(f"token ids must be an integer array, got {src.dtype}")
+    """The checks `Transformer.encode` makes on concrete ids (under jit they could not raise)."""
+    _check_ids(src, "src")
+    check_token_ids(src, vocab_size)
     if src.shape[1] > max_len:
         raise ValueError(f"sequence length {src.shape[1]} exceeds max_len {max_len}")
-    if src.size:
-        lo, hi = int(jnp.min(src)), int(jnp.max(src))
-        if lo < 0 or hi >= vocab_size:
-            raise ValueError(f"token ids must be in [0, {vocab_size}), got values in [{lo}, {hi}]")
+
+
+def _params(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The params tree, from either it or the {"params": tree} variables."""
+    return params["params"] if isinstance(params, Mapping) and set(params) == {"params"} else params
 
 
 def _map_cache(cache: dict, fn, self_only: bool) -> dict:

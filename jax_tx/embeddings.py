@@ -13,6 +13,16 @@ from jax_tx.initializers import embedding_std
 from parity.numerics import sinusoidal_table
 
 
+def check_token_ids(ids: jnp.ndarray, vocab_size: int) -> None:
+    """TypeError unless ids are integers; ValueError when concrete ids fall outside [0, vocab_size)."""
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(f"token ids must be an integer array, got {ids.dtype}")
+    if not isinstance(ids, jax.core.Tracer) and ids.size:
+        lo, hi = int(np.min(ids)), int(np.max(ids))
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"token ids must be in [0, {vocab_size}), got values in [{lo}, {hi}]")
+
+
 class TokenEmbedding(nn.Module):
     """ids (B, L) int -> (B, L, D) = embedding[ids] * sqrt(D).
 
@@ -28,12 +38,7 @@ class TokenEmbedding(nn.Module):
                                     (self.vocab_size, self.d_model), jnp.float32)
 
     def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:
-        if not jnp.issubdtype(ids.dtype, jnp.integer):
-            raise TypeError(f"token ids must be an integer array, got {ids.dtype}")
-        if not isinstance(ids, jax.core.Tracer) and ids.size:
-            lo, hi = int(np.min(ids)), int(np.max(ids))
-            if lo < 0 or hi >= self.vocab_size:
-                raise ValueError(f"token ids must be in [0, {self.vocab_size}), got values in [{lo}, {hi}]")
+        check_token_ids(ids, self.vocab_size)
         x = jnp.take(self.embedding, ids, axis=0, mode="fill", fill_value=jnp.nan)  # [B, L, D]
         return x * math.sqrt(self.d_model)
 

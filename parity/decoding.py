@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 from parity.config import TransformerConfig
 
@@ -15,30 +16,45 @@ def length_penalty(length, alpha: float):
     return ((5.0 + length) / 6.0) ** alpha
 
 
+def check_decoding_options(*, beam_size: int, length_penalty: float, temperature: float, top_k: int, top_p: float,
+                           names: Mapping[str, str] | None = None) -> None:
+    """Raise ValueError unless the search/sampling options make sense; `names` renames the arguments in the
+    message (e.g. {"beam_size": "--beam"} for a command line)."""
+    def name(arg: str) -> str:
+        return (names or {}).get(arg, arg)
+
+    for arg, value in (("beam_size", beam_size), ("top_k", top_k)):
+        if not _is_int(value):
+            raise ValueError(f"{name(arg)} must be an int, got {value!r}")
+    if beam_size < 1:
+        raise ValueError(f"{name('beam_size')} must be at least 1, got {beam_size}")
+    if not (math.isfinite(length_penalty) and length_penalty >= 0.0):
+        raise ValueError(f"{name('length_penalty')} must be a finite number >= 0, got {length_penalty}")
+    if not (math.isfinite(temperature) and temperature >= 0.0):
+        raise ValueError(f"{name('temperature')} must be >= 0 and finite (0: greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"{name('top_k')} must be >= 0 (0: no top-k filter), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"{name('top_p')} must be in (0, 1] (1: no nucleus filter), got {top_p}")
+    if beam_size > 1 and temperature > 0.0:
+        raise ValueError(f"beam search is deterministic: use {name('beam_size')} > 1 with {name('temperature')} 0, "
+                         f"or sample with {name('beam_size')} 1")
+
+
 def check_generate_args(cfg: TransformerConfig, *, max_new_tokens: int, bos_id: int, eos_id: int, beam_size: int,
                         length_penalty: float, temperature: float, top_k: int, top_p: float) -> None:
     """Raise ValueError, naming the argument, unless the decoding arguments make sense for `cfg`."""
-    def is_int(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    for name, value in (("max_new_tokens", max_new_tokens), ("beam_size", beam_size), ("top_k", top_k),
-                        ("bos_id", bos_id), ("eos_id", eos_id)):
-        if not is_int(value):
+    for name, value in (("max_new_tokens", max_new_tokens), ("bos_id", bos_id), ("eos_id", eos_id)):
+        if not _is_int(value):
             raise ValueError(f"{name} must be an int, got {value!r}")
     if not 1 <= max_new_tokens <= cfg.max_len:
         raise ValueError(f"max_new_tokens must be in [1, max_len={cfg.max_len}], got {max_new_tokens}")
     for name, value in (("bos_id", bos_id), ("eos_id", eos_id)):
         if not 0 <= value < cfg.tgt_vocab_size:
             raise ValueError(f"{name} must be a target token id in [0, {cfg.tgt_vocab_size}), got {value}")
-    if beam_size < 1:
-        raise ValueError(f"beam_size must be at least 1, got {beam_size}")
-    if not (math.isfinite(length_penalty) and length_penalty >= 0.0):
-        raise ValueError(f"length_penalty must be a finite number >= 0, got {length_penalty}")
-    if not (math.isfinite(temperature) and temperature >= 0.0):
-        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0: no top-k filter), got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (1: no nucleus filter), got {top_p}")
-    if beam_size > 1 and temperature > 0.0:
-        raise ValueError("beam search is deterministic: use beam_size > 1 with temperature 0, or sample with beam_size 1")
+    check_decoding_options(beam_size=beam_size, length_penalty=length_penalty, temperature=temperature, top_k=top_k,
+                           top_p=top_p)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

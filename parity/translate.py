@@ -11,7 +11,6 @@ Frameworks are imported only when a translator is loaded.
 from __future__ import annotations
 
 import io
-import math
 import os
 import tempfile
 import time
@@ -23,10 +22,13 @@ import numpy as np
 
 from parity.checkpoint import CONFIG_FILE, CheckpointError, atomic_write_bytes, load_checkpoint
 from parity.config import TransformerConfig
+from parity.decoding import check_decoding_options
 from parity.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError
 
 FRAMEWORKS = ("torch", "jax")
 BUCKET = 8
+FLAGS = {"beam_size": "--beam", "length_penalty": "--length-penalty", "temperature": "--temperature",
+         "top_k": "--top-k", "top_p": "--top-p"}
 
 
 class TranslateError(ValueError):
@@ -49,19 +51,13 @@ class DecodeOptions:
     max_new_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        if self.beam_size < 1:
-            raise TranslateError(f"--beam must be at least 1, got {self.beam_size}")
-        for name, value in (("--length-penalty", self.length_penalty), ("--temperature", self.temperature)):
-            if not math.isfinite(value) or value < 0:
-                raise TranslateError(f"{name} must be a finite number >= 0, got {value}")
-        if self.top_k < 0:
-            raise TranslateError(f"--top-k must be >= 0 (0: no limit), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise TranslateError(f"--top-p must be in (0, 1], got {self.top_p}")
+        try:
+            check_decoding_options(beam_size=self.beam_size, length_penalty=self.length_penalty,
+                                   temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, names=FLAGS)
+        except ValueError as e:
+            raise TranslateError(str(e)) from None
         if self.temperature == 0 and (self.top_k or self.top_p < 1.0):
             raise TranslateError("--top-k and --top-p shape sampling; they need --temperature > 0")
-        if self.temperature > 0 and self.beam_size > 1:
-            raise TranslateError("--temperature (sampling) and --beam > 1 (beam search) cannot be combined")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise TranslateError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
 
