@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -71,14 +70,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import flax  # noqa: E402
 import jax  # noqa: E402
 import torch  # noqa: E402
 from torch import nn as tnn  # noqa: E402
 
 import jax_tx  # noqa: E402
 import torch_tx  # noqa: E402
-from benchmarks.bench_train import TorchPeer  # noqa: E402
+from benchmarks.bench_train import TorchPeer, environment, render_table  # noqa: E402
 from parity import convert  # noqa: E402
 from parity.config import TransformerConfig  # noqa: E402
 
@@ -224,34 +222,12 @@ def config_for(args: argparse.Namespace, d_model: int) -> TransformerConfig:
                              max_len=max(512, args.src_len, args.new_tokens + 1), pad_id=PAD)
 
 
-def environment() -> dict[str, Any]:
-    return {"python": platform.python_version(), "torch": torch.__version__, "jax": jax.__version__,
-            "flax": flax.__version__, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "jax_devices": [str(d) for d in jax.devices()], "platform": platform.platform(),
-            "load_average": os.getloadavg()}
-
-
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
     headers = ["d_model", "model", "decoding", "tokens/s", "ms/token step", "spread", "twin/peer"]
     cells = [[str(r["d_model"]), r["model"], r["decoding"], f"{r['tokens_per_s']:,.0f}",
               f"{r['ms_per_token_step']:.2f}", f"{max(r['seconds']) / min(r['seconds']) - 1:.0%}",
               f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"] for r in rows]
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-        print(title)
-        for line in [headers, ["-" * w for w in widths], *cells]:
-            print("  ".join(c.ljust(w) if i in (1, 2) else c.rjust(w)
-                            for i, (c, w) in enumerate(zip(line, widths))))
-        return
-    table = Table(title=title)
-    for i, header in enumerate(headers):
-        table.add_column(header, justify="left" if i in (1, 2) else "right", no_wrap=True)
-    for i, line in enumerate(cells):
-        table.add_row(*line, end_section=i + 1 < len(rows) and rows[i + 1]["d_model"] != rows[i]["d_model"])
-    Console(width=max(160, Console().width)).print(table)
+    render_table(title, headers, cells, [r["d_model"] for r in rows], left=(1, 2), min_width=160)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

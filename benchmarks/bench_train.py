@@ -350,6 +350,12 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
     cells = [[str(r["d_model"]), r["model"], f"{r['tokens_per_s']:,.0f}", f"{r['ms_per_step']:.1f}",
               f"{max(r['seconds']) / min(r['seconds']) - 1:.0%}",
               f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"] for r in rows]
+    render_table(title, headers, cells, [r["d_model"] for r in rows], left=(1,))
+
+
+def render_table(title: str, headers: list[str], cells: list[list[str]], sections: list[Any],
+                 left: tuple[int, ...], min_width: int = 0) -> None:
+    """A rich table (plain text without rich): columns in `left` left-aligned, a rule where `sections` changes."""
     try:
         from rich.console import Console
         from rich.table import Table
@@ -357,14 +363,14 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
         widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
         print(title)
         for line in [headers, ["-" * w for w in widths], *cells]:
-            print("  ".join(c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+            print("  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
         return
     table = Table(title=title)
     for i, header in enumerate(headers):
-        table.add_column(header, justify="left" if i == 1 else "right", no_wrap=True)
+        table.add_column(header, justify="left" if i in left else "right", no_wrap=True)
     for i, line in enumerate(cells):
-        table.add_row(*line, end_section=i + 1 < len(rows) and rows[i + 1]["d_model"] != rows[i]["d_model"])
-    Console().print(table)
+        table.add_row(*line, end_section=i + 1 < len(cells) and sections[i + 1] != sections[i])
+    Console(width=max(min_width, Console().width)).print(table)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
