@@ -112,12 +112,12 @@ def check_canonical(weights: Mapping[str, Any], cfg: TransformerConfig) -> None:
     _check_weights(weights, canonical_shapes(cfg), "state dict")
 
 
-_OUTSIDE_STACKS = ("src_embed.", "tgt_embed.", "generator.")
+OUTSIDE_STACKS = ("src_embed.", "tgt_embed.", "generator.")
 
 
 def stack_shapes(cfg: TransformerConfig) -> dict[str, tuple[int, ...]]:
     """The canonical keys torch.nn.Transformer also has: the encoder and decoder stacks."""
-    return {k: s for k, s in canonical_shapes(cfg).items() if not k.startswith(_OUTSIDE_STACKS)}
+    return {k: s for k, s in canonical_shapes(cfg).items() if not k.startswith(OUTSIDE_STACKS)}
 
 
 def rename_to_flax(weights: Mapping[str, Any]) -> dict[str, Any]:
@@ -138,16 +138,32 @@ def canonical_to_flax(weights: Mapping[str, Any], cfg: TransformerConfig) -> dic
     """Canonical {name: array} -> nested Flax params of numpy arrays. Tied copies must be equal."""
     check_canonical(weights, cfg)
     arrays = {k: to_numpy(v) for k, v in weights.items()}
+    check_ties(arrays, cfg)
     tied = aliases(cfg)
-    for alias, owner in tied.items():
-        if not np.array_equal(arrays[alias], arrays[owner]):
-            raise ConversionError(f"{alias!r} differs from {owner!r}, but the config ties them "
-                                  "(tie_output / share_embeddings)")
     return rename_to_flax({k: v for k, v in arrays.items() if k not in tied})
 
 
-def flax_to_canonical(params: Mapping[str, Any], cfg: TransformerConfig) -> dict[str, np.ndarray]:
-    """Nested Flax params (or gradients) -> canonical {name: numpy array}, tied names included."""
+def check_ties(weights: Mapping[str, Any], cfg: TransformerConfig) -> None:
+    """Raise ConversionError unless tied names (tie_output / share_embeddings) hold equal arrays."""
+    for alias, owner in aliases(cfg).items():
+        if not np.array_equal(to_numpy(weights[alias]), to_numpy(weights[owner])):
+            raise ConversionError(f"{alias!r} differs from {owner!r}, but the config ties them "
+                                  "(tie_output / share_embeddings)")
+
+
+def _pop_leaf(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for name in path[:-1]:
+        tree = tree[name]
+    return tree.pop(path[-1])
+
+
+def flax_to_canonical(params: Mapping[str, Any], cfg: TransformerConfig,
+                      consume: bool = False) -> dict[str, np.ndarray]:
+    """Nested Flax params (or gradients) -> canonical {name: numpy array}, tied names included.
+
+    With `consume`, leaves are popped out of `params` (nested dicts) as they are converted, so a large
+    tree is never held twice (a transposed kernel is a copy).
+    """
     if set(params) == {"params"}:
         params = params["params"]
     flat = _flatten(params)
@@ -156,7 +172,9 @@ def flax_to_canonical(params: Mapping[str, Any], cfg: TransformerConfig) -> dict
     shapes = canonical_shapes(cfg)
     out: dict[str, np.ndarray] = {}
     for path, (key, transpose) in key_map.items():
-        value = to_numpy(flat[path])
+        value = to_numpy(flat.pop(path))
+        if consume:
+            _pop_leaf(params, path)
         _check_shape("/".join(path), value.shape, shapes[key][::-1] if transpose else shapes[key])
         out[key] = np.ascontiguousarray(value.T if transpose else value)
     for alias, owner in aliases(cfg).items():
@@ -196,19 +214,6 @@ _NN_RENAMES = {
 _PACKED = {"in_proj_weight": "weight", "in_proj_bias": "bias"}
 
 
-def _nn_key_to_canonical(key: str) -> tuple[str, str]:
-    """nn.Transformer key -> (canonical module, leaf): 'decoder.layers.0.multihead_attn.in_proj_weight'
-    -> ('decoder.layers.0.cross_attn', 'in_proj_weight'); 'encoder.norm.weight' -> ('encoder.norm', 'weight')."""
-    stack, rest = key.split(".", 1)
-    if not rest.startswith("layers."):
-        module, _, leaf = key.rpartition(".")
-        return module, leaf
-    _, idx, sub, leaf = rest.split(".", 3)
-    if sub not in _NN_RENAMES.get(stack, {}):
-        raise ConversionError(f"unexpected nn.Transformer key {key!r}")
-    return f"{stack}.layers.{idx}.{_NN_RENAMES[stack][sub]}", leaf
-
-
 def _nn_activation(layer) -> str:
     import torch.nn.functional as F
     from torch import nn
@@ -230,6 +235,71 @@ def _nn_layer_settings(layer) -> dict[str, Any]:
     return dict(d_model=attn.embed_dim, num_heads=attn.num_heads, d_ff=layer.linear1.out_features,
                 dropout=float(layer.dropout.p), activation=_nn_activation(layer),
                 norm_first=bool(layer.norm_first), layer_norm_eps=float(layer.norm1.eps))
+
+
+def nn_key_map(cfg: TransformerConfig) -> dict[str, tuple[str, ...]]:
+    """{torch.nn.Transformer state_dict key: the canonical keys it holds}, in nn.Transformer's order.
+
+    A packed `in_proj_weight` / `in_proj_bias` holds q_proj, k_proj, v_proj stacked along dim 0.
+    """
+    out: dict[str, tuple[str, ...]] = {}
+    for stack, num_layers in (("encoder", cfg.num_encoder_layers), ("decoder", cfg.num_decoder_layers)):
+        for i in range(num_layers):
+            for sub, canonical in _NN_RENAMES[stack].items():
+                prefix, module = f"{stack}.layers.{i}.{sub}", f"{stack}.layers.{i}.{canonical}"
+                if sub.endswith("attn"):
+                    for leaf, part in _PACKED.items():
+                        out[f"{prefix}.{leaf}"] = tuple(f"{module}.{p}.{part}" for p in ("q_proj", "k_proj", "v_proj"))
+                    for leaf in ("weight", "bias"):
+                        out[f"{prefix}.out_proj.{leaf}"] = (f"{module}.out_proj.{leaf}",)
+                else:
+                    for leaf in ("weight", "bias"):
+                        out[f"{prefix}.{leaf}"] = (f"{module}.{leaf}",)
+        if cfg.final_norm:
+            for leaf in ("weight", "bias"):
+                out[f"{stack}.norm.{leaf}"] = (f"{stack}.norm.{leaf}",)
+    return out
+
+
+def from_nn_state_dict(state_dict: Mapping[str, Any], cfg: TransformerConfig) -> dict[str, np.ndarray]:
+    """torch.nn.Transformer state dict (tensors or arrays) -> canonical {name: numpy array} of its stacks.
+
+    Packed q/k/v come out as row slices of the packed array (views, no copies). Keys outside the
+    stacks (e.g. `src_embed.weight` saved beside them) pass through unchanged.
+    """
+    nn_map = nn_key_map(cfg)
+    outside = {k for k in canonical_shapes(cfg) if k.startswith(OUTSIDE_STACKS)}
+    out: dict[str, np.ndarray] = {}
+    for key, value in state_dict.items():
+        array = to_numpy(value)
+        parts = nn_map.get(key, (key,))
+        if len(parts) == 3:
+            d = cfg.d_model
+            _check_shape(key, array.shape, (3 * d, d) if key.endswith("weight") else (3 * d,))
+            for i, part in enumerate(parts):
+                out[part] = array[i * d:(i + 1) * d]
+        elif key in nn_map or key in outside:
+            out[parts[0]] = array
+        else:
+            raise ConversionError(f"unexpected nn.Transformer key {key!r}")
+    _check_weights({k: v for k, v in out.items() if not k.startswith(OUTSIDE_STACKS)}, stack_shapes(cfg),
+                   "nn.Transformer state dict")
+    return out
+
+
+def to_nn_state_dict(weights: Mapping[str, Any], cfg: TransformerConfig) -> dict[str, np.ndarray]:
+    """Canonical weights (full, or the stacks only) -> torch.nn.Transformer state dict of numpy arrays.
+
+    q/k/v are packed into `in_proj_weight` / `in_proj_bias` (new arrays); keys outside the stacks
+    (`src_embed.weight`, `tgt_embed.weight`, `generator.*`) are not nn.Transformer's and are left out.
+    """
+    given = {k: v for k, v in weights.items() if not k.startswith(OUTSIDE_STACKS)}
+    _check_weights(given, stack_shapes(cfg), "state dict")
+    out = {}
+    for key, parts in nn_key_map(cfg).items():
+        arrays = [to_numpy(given[p]) for p in parts]
+        out[key] = np.concatenate(arrays) if len(parts) == 3 else arrays[0]
+    return out
 
 
 def from_nn_transformer(module, *, src_vocab_size: int, tgt_vocab_size: int,
@@ -257,17 +327,8 @@ def from_nn_transformer(module, *, src_vocab_size: int, tgt_vocab_size: int,
                             num_encoder_layers=len(module.encoder.layers),
                             num_decoder_layers=len(module.decoder.layers), final_norm=enc_norm,
                             **{**settings[0], **overrides})
-    out: dict[str, Any] = {}
-    for key, value in module.state_dict().items():
-        prefix, leaf = _nn_key_to_canonical(key)
-        if leaf in _PACKED:
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.detach().chunk(3, dim=0)):
-                out[f"{prefix}.{name}.{_PACKED[leaf]}"] = part.clone()
-        else:
-            out[f"{prefix}.{leaf}"] = value.detach().clone()
-    expected = stack_shapes(cfg)
-    _check_weights(out, expected, "nn.Transformer state dict")
-    return cfg, {k: out[k] for k in expected}
+    arrays = from_nn_state_dict(module.state_dict(), cfg)
+    return cfg, {k: to_torch(arrays[k]) for k in stack_shapes(cfg)}
 
 
 def to_nn_transformer(state_dict: Mapping[str, Any], cfg: TransformerConfig):
@@ -275,11 +336,8 @@ def to_nn_transformer(state_dict: Mapping[str, Any], cfg: TransformerConfig):
 
     Embeddings and the output layer have no place in nn.Transformer and are left out.
     """
-    import torch
     from torch import nn
 
-    given = {k: v for k, v in state_dict.items() if not k.startswith(_OUTSIDE_STACKS)}
-    _check_weights(given, stack_shapes(cfg), "state dict")
     layer_kw = dict(d_model=cfg.d_model, nhead=cfg.num_heads, dim_feedforward=cfg.d_ff, dropout=cfg.dropout,
                     activation=cfg.activation, layer_norm_eps=cfg.layer_norm_eps, batch_first=True,
                     norm_first=cfg.norm_first)
@@ -294,15 +352,7 @@ def to_nn_transformer(state_dict: Mapping[str, Any], cfg: TransformerConfig):
     module = nn.Transformer(d_model=cfg.d_model, nhead=cfg.num_heads, custom_encoder=encoder,
                             custom_decoder=decoder, dim_feedforward=cfg.d_ff, dropout=cfg.dropout,
                             batch_first=True)
-    tensors = {k: v if isinstance(v, torch.Tensor) else to_torch(to_numpy(v)) for k, v in given.items()}
-    nn_sd: dict[str, Any] = {}
-    for key in module.state_dict():
-        prefix, leaf = _nn_key_to_canonical(key)
-        if leaf in _PACKED:
-            nn_sd[key] = torch.cat([tensors[f"{prefix}.{p}.{_PACKED[leaf]}"] for p in ("q_proj", "k_proj", "v_proj")])
-        else:
-            nn_sd[key] = tensors[f"{prefix}.{leaf}"]
-    dtype = next(iter(tensors.values())).dtype
-    module.to(dtype)
+    nn_sd = {k: to_torch(v) for k, v in to_nn_state_dict(state_dict, cfg).items()}
+    module.to(next(iter(nn_sd.values())).dtype)
     module.load_state_dict(nn_sd, strict=True)
     return module

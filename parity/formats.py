@@ -1,0 +1,588 @@
+"""Checkpoint files in the formats users have: detected, read without pickle, written atomically.
+
+Containers and the names inside them:
+
+    safetensors    a `.safetensors` file: canonical or torch.nn.Transformer names; the config rides in
+                   the header's metadata (`"config"`)
+    torch          a `.pt`/`.pth`/`.bin` state dict read with `torch.load(weights_only=True)` only:
+                   canonical or nn.Transformer names (`module.` / `_orig_mod.` prefixes and a
+                   `{"state_dict": ...}` wrapper are accepted)
+    msgpack        a `.msgpack` file of `flax.serialization`: the Flax variables `{"params": ...}`
+    orbax          an orbax checkpoint directory (Flax's standard): `{"params": ...}` (or a train state
+                   holding `params`); the config rides in its custom metadata
+
+A directory with `config.json` and one weights file reads as that file with that config. Targets
+(`twin convert --to`): `safetensors`, `torch`, `nn-transformer` (nn.Transformer names, with the
+embeddings and output layer beside them under their canonical names) and `flax` (orbax, or msgpack
+when DST ends in `.msgpack`). A DST without a weights suffix is a directory: config.json plus the
+weights (`DIR_FILES`; for flax the directory is the orbax checkpoint).
+
+Every failure is a FormatError whose one-line message names the file, and the key with expected and
+actual shape or dtype where there is one. Writes go to a temporary name, are fsynced and renamed;
+nothing is left behind on failure. Large files are memory-mapped (safetensors, zip `.pt`), and
+conversions pop what they have converted, so a checkpoint is not held twice.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from parity.checkpoint import CONFIG_FILE, atomic_write_bytes, _umask
+from parity.config import TransformerConfig
+from parity.convert import (OUTSIDE_STACKS, ConversionError, aliases, canonical_to_flax, check_canonical,
+                            check_ties, flax_to_canonical, from_nn_state_dict, to_nn_state_dict, to_numpy)
+from parity.names import canonical_shapes
+
+WEIGHT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+TARGETS = ("torch", "flax", "safetensors", "nn-transformer")
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+FILE_SUFFIXES = {".safetensors": "safetensors", ".msgpack": "msgpack", **{s: "torch" for s in TORCH_SUFFIXES}}
+# target -> file containers it may write, by DST suffix
+TARGET_CONTAINERS = {"safetensors": ("safetensors",), "torch": ("torch",), "nn-transformer": ("torch", "safetensors"),
+                     "flax": ("msgpack",)}
+DIR_FILES = {"safetensors": "model.safetensors", "torch": "pytorch_model.bin", "nn-transformer": "nn_transformer.pt"}
+ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA")
+ORBAX_CONFIG_KEY = "twin_transformer_config"
+COMPANIONS = ("tokenizer.json",)  # copied from a SRC directory into a DST directory
+_SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+class FormatError(ValueError):
+    """A checkpoint that cannot be read, converted or written; the message is one line naming the file."""
+
+
+@dataclass
+class Loaded:
+    """A checkpoint read into canonical weights (numpy, possibly memory-mapped; tied names included)."""
+
+    cfg: TransformerConfig
+    weights: dict[str, np.ndarray]
+    container: str
+    names: str
+    path: Path
+    config_source: str
+    companions: list[Path] = field(default_factory=list)
+
+    def describe(self) -> str:
+        dtypes = sorted({str(a.dtype) for a in self.weights.values()})
+        size = sum(a.nbytes for k, a in self.weights.items() if k not in aliases(self.cfg))
+        return (f"{self.path}: {self.container} ({self.names} names), {len(self.weights)} tensors, "
+                f"{'/'.join(dtypes)}, {size / 1e6:,.1f} MB, config from {self.config_source}")
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+def _fail(path: Path, message: str) -> FormatError:
+    return FormatError(f"{path}: {message}")
+
+
+def _unconvertible(path: Path, key: str, dtype: str) -> FormatError:
+    return _fail(path, f"{key!r} has dtype {dtype}, which does not convert: expected one of {', '.join(WEIGHT_DTYPES)}")
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def _read_head(path: Path, n: int) -> tuple[bytes, int]:
+    """The first `n` bytes and the size of a regular file; clear errors for anything else."""
+    if path.is_dir():
+        raise _fail(path, "is a directory where a file was expected")
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            return f.read(n), size
+    except FileNotFoundError:
+        raise _fail(path, "no such file") from None
+    except OSError as e:
+        raise _fail(path, f"cannot read ({e.strerror or e})") from None
+
+
+def detect(path: str | os.PathLike) -> tuple[str, Path]:
+    """(container, weights path) of a file or directory; config.json directories resolve to their file."""
+    path = Path(path)
+    if not path.exists():
+        raise _fail(path, "no such file or directory")
+    if path.is_dir():
+        if any((path / m).is_file() for m in ORBAX_MARKERS):
+            return "orbax", path
+        candidates = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in FILE_SUFFIXES)
+        standard = [p for p in candidates if p.name in (*DIR_FILES.values(), "flax_model.msgpack")]
+        if len(standard) == 1 or len(candidates) == 1:
+            return detect((standard or candidates)[0])
+        if not candidates:
+            raise _fail(path, "is a directory where a file was expected: it holds no weights file "
+                        f"({', '.join(FILE_SUFFIXES)}) and is not an orbax checkpoint")
+        raise _fail(path, f"holds several weights files ({', '.join(p.name for p in candidates)}): name one")
+    head, size = _read_head(path, 16)
+    if size == 0:
+        raise _fail(path, "empty file")
+    by_suffix = FILE_SUFFIXES.get(path.suffix)
+    if head.startswith(b"PK\x03\x04"):
+        return "torch", path
+    if by_suffix == "safetensors" or (len(head) > 8 and head[8:9] == b"{"):
+        return "safetensors", path
+    if by_suffix == "msgpack" or (head[0] in range(0x81, 0x90) or head[0] in (0xDE, 0xDF)):
+        return "msgpack", path
+    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
+        return "torch", path  # a legacy (non-zip) torch.save pickle
+    raise _fail(path, "unrecognised format (not safetensors, a PyTorch state dict, flax msgpack or orbax)")
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    """The validated JSON header: lengths and offsets inside the file, dtypes convertible."""
+    head, size = _read_head(path, 8)
+    if size == 0:
+        raise _fail(path, "empty file")
+    if size < 8:
+        raise _fail(path, f"truncated: {size} bytes, too short for a safetensors file")
+    n = int.from_bytes(head, "little")
+    if n > size - 8:
+        raise _fail(path, f"safetensors header length {n} bytes is longer than the file ({size} bytes): "
+                    "truncated or not safetensors")
+    try:
+        with open(path, "rb") as f:
+            f.seek(8)
+            header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _fail(path, f"safetensors header is not valid JSON ({_short(e)})") from None
+    if not isinstance(header, dict):
+        raise _fail(path, "safetensors header is not a JSON object")
+    data_len = size - 8 - n
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            begin, end = info["data_offsets"]
+            dtype, shape = info["dtype"], info["shape"]
+        except (TypeError, KeyError, ValueError):
+            raise _fail(path, f"malformed safetensors header entry for {key!r}") from None
+        if end > data_len or begin > end:
+            raise _fail(path, f"truncated: tensor {key!r} needs bytes {begin}..{end} of the data, "
+                        f"which has {data_len} bytes")
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise _unconvertible(path, key, dtype)
+    return header
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
+    """Memory-mapped through torch when it is installed (no copy), else copied into numpy."""
+    header = _safetensors_header(path)
+    metadata = header.get("__metadata__") or {}
+    config = None
+    if "config" in metadata:
+        try:
+            config = json.loads(metadata["config"])
+        except ValueError:
+            raise _fail(path, "the config in the safetensors metadata is not valid JSON") from None
+    from safetensors import safe_open
+
+    framework = "pt" if importlib.util.find_spec("torch") else "numpy"
+    try:
+        with safe_open(str(path), framework=framework) as f:
+            arrays = {k: to_numpy(f.get_tensor(k)) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - the library's errors become one line naming the file
+        raise _fail(path, f"not a readable safetensors file ({_short(e)})") from None
+    return arrays, config
+
+
+_WRAPPERS = ("state_dict", "model_state_dict", "model")
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _read_torch(path: Path) -> tuple[dict[str, np.ndarray], None]:
+    """`torch.load(weights_only=True)`, memory-mapped for zip files; a pickle that would run code is refused."""
+    import pickle
+
+    import torch
+
+    head, _ = _read_head(path, 4)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=head == b"PK\x03\x04")
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)|Unsupported operand[^.\n]*|"
+                          r"unsupported[^.\n]*", str(e), flags=re.IGNORECASE)
+        what = f" ({found.group(0)})" if found else ""
+        raise _fail(path, f"refused: the pickle asks for more than tensors and plain containers{what}; "
+                    "only torch.load(weights_only=True) is used, nothing in it ran") from None
+    except Exception as e:  # noqa: BLE001
+        raise _fail(path, f"not a readable PyTorch file ({_short(e)})") from None
+    if isinstance(obj, Mapping):
+        for wrapper in _WRAPPERS:
+            if isinstance(obj.get(wrapper), Mapping):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, Mapping):
+        raise _fail(path, f"expected a state dict {{name: tensor}}, got {type(obj).__name__}")
+    out = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            raise _fail(path, f"{key!r} holds a {type(value).__name__}, not a tensor")
+        out[key] = value
+    for prefix in _PREFIXES:
+        if out and all(isinstance(k, str) and k.startswith(prefix) for k in out):
+            out = {k[len(prefix):]: v for k, v in out.items()}
+    for key, value in out.items():
+        if str(value.dtype).removeprefix("torch.") not in WEIGHT_DTYPES:
+            raise _unconvertible(path, key, str(value.dtype).removeprefix("torch."))
+    return {k: to_numpy(v) for k, v in out.items()}, None
+
+
+def _read_msgpack(path: Path) -> tuple[dict[str, Any], None]:
+    from flax import serialization
+
+    _read_head(path, 0)
+    try:
+        tree = serialization.msgpack_restore(path.read_bytes())
+    except OSError as e:
+        raise _fail(path, f"cannot read ({e.strerror or e})") from None
+    except Exception as e:  # noqa: BLE001
+        raise _fail(path, f"not a readable flax msgpack file ({_short(e)})") from None
+    return tree, None
+
+
+def _read_orbax(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    import orbax.checkpoint as ocp
+
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            custom = checkpointer.metadata(path.resolve()).custom_metadata or {}
+            tree = checkpointer.restore(path.resolve())
+    except Exception as e:  # noqa: BLE001
+        raise _fail(path, f"not a readable orbax checkpoint ({_short(e)})") from None
+    return tree, custom.get(ORBAX_CONFIG_KEY)
+
+
+READERS = {"safetensors": _read_safetensors, "torch": _read_torch, "msgpack": _read_msgpack,
+           "orbax": _read_orbax}
+
+
+def _flat_items(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(tree, Mapping):
+        for k, v in tree.items():
+            yield from _flat_items(v, f"{prefix}/{k}" if prefix else str(k))
+    else:
+        yield prefix, tree
+
+
+def _flax_params(tree: Any, path: Path) -> dict[str, Any]:
+    while isinstance(tree, Mapping) and "params" in tree:
+        tree = tree["params"]
+    if not isinstance(tree, dict):
+        raise _fail(path, f"expected a Flax params tree (nested dicts of arrays), got {type(tree).__name__}")
+    for key, leaf in _flat_items(tree):
+        if not isinstance(leaf, np.ndarray) and not hasattr(leaf, "__array__"):
+            raise _fail(path, f"{key!r} holds a {type(leaf).__name__}, not an array")
+    return tree
+
+
+def load_config_file(path: str | os.PathLike) -> TransformerConfig:
+    """A config.json (or a directory holding one) -> TransformerConfig; FormatError naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CONFIG_FILE
+    head, _ = _read_head(path, 0)
+    try:
+        return TransformerConfig.from_json(path.read_text())
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+        raise _fail(path, f"not a valid config: {_short(e).split(': ', 1)[-1]}") from None
+
+
+def _check_dtypes(items: Iterator[tuple[str, Any]], path: Path, allow_nonfinite: bool) -> None:
+    for key, value in items:
+        dtype = str(np.asarray(value).dtype)
+        if dtype not in WEIGHT_DTYPES:
+            raise _unconvertible(path, key, dtype)
+        if not allow_nonfinite:
+            bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+            if bad:
+                raise _fail(path, f"{key!r} has {bad} NaN/Inf value(s) (pass --allow-nonfinite to convert anyway)")
+
+
+# (key in the file's own names, axis holding the vocabulary, config field)
+_VOCAB_KEYS = (("src_embed.weight", 0, "src_vocab_size"), ("tgt_embed.weight", 0, "tgt_vocab_size"),
+               ("generator.weight", 0, "tgt_vocab_size"), ("generator.bias", 0, "tgt_vocab_size"),
+               ("src_embed/embedding", 0, "src_vocab_size"), ("tgt_embed/embedding", 0, "tgt_vocab_size"),
+               ("generator/kernel", 1, "tgt_vocab_size"), ("generator/bias", 0, "tgt_vocab_size"))
+
+
+def _check_vocab(flat_shapes: Mapping[str, tuple[int, ...]], cfg: TransformerConfig, path: Path) -> None:
+    for key, axis, name in _VOCAB_KEYS:
+        shape = flat_shapes.get(key)
+        if shape is not None and len(shape) > axis and shape[axis] != getattr(cfg, name):
+            raise _fail(path, f"the config's {name} is {getattr(cfg, name)} but {key!r} has shape "
+                        f"{tuple(shape)} ({shape[axis]} entries)")
+
+
+def read_checkpoint(src: str | os.PathLike, config: str | os.PathLike | None = None,
+                    allow_nonfinite: bool = False) -> Loaded:
+    """Read any supported checkpoint into canonical weights, checked against its config.
+
+    The config comes from `config` (a config.json or a directory holding one), else the file's own
+    metadata (safetensors, orbax), else a config.json in SRC's directory.
+    """
+    src = Path(src)
+    container, path = detect(src)
+    raw, embedded = READERS[container](path)
+    if config is not None:
+        cfg, config_source = load_config_file(config), str(config)
+    else:
+        beside = (path if path.is_dir() else path.parent) / CONFIG_FILE
+        if embedded is not None:
+            try:
+                cfg, config_source = TransformerConfig.from_dict(embedded), f"{container} metadata"
+            except (ValueError, TypeError) as e:
+                raise _fail(path, f"the config in its metadata is not valid: {e}") from None
+        elif beside.is_file():
+            cfg, config_source = load_config_file(beside), str(beside)
+        else:
+            raise _fail(path, f"carries no config and there is no {CONFIG_FILE} beside it: pass --config "
+                        "CONFIG.json")
+    if container in ("msgpack", "orbax"):
+        tree = _flax_params(raw, path)
+        _check_dtypes(_flat_items(tree), path, allow_nonfinite)
+        _check_vocab({k: np.shape(v) for k, v in _flat_items(tree)}, cfg, path)
+        names = "flax"
+        try:
+            weights = flax_to_canonical(tree, cfg, consume=True)
+        except ConversionError as e:
+            raise _fail(path, str(e)) from None
+    else:
+        _check_dtypes(iter(raw.items()), path, allow_nonfinite)
+        nn_names = any(k.endswith("in_proj_weight") for k in raw)
+        names = "nn-transformer" if nn_names else "canonical"
+        _check_vocab({k: v.shape for k, v in raw.items()}, cfg, path)
+        try:
+            weights = from_nn_state_dict(raw, cfg) if nn_names else raw
+            check_canonical(weights, cfg)
+            check_ties(weights, cfg)
+        except ConversionError as e:
+            if nn_names and "missing key" in str(e):
+                e = ConversionError(f"{e} (nn.Transformer has no embeddings or output layer: save them beside "
+                                    "its state dict under these canonical names)")
+            raise _fail(path, str(e)) from None
+        weights = {k: weights[k] for k in canonical_shapes(cfg)}
+    parent = path if path.is_dir() else path.parent
+    companions = [parent / n for n in COMPANIONS if src.is_dir() and (parent / n).is_file()]
+    return Loaded(cfg, weights, container, names, path, config_source, companions)
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+def output_layout(dst: str | os.PathLike, target: str) -> tuple[str, bool]:
+    """(container, is_file) that `target` writes at `dst`: a file by its suffix, else a directory."""
+    if target not in TARGETS:
+        raise FormatError(f"unknown target {target!r}: choose from {', '.join(TARGETS)}")
+    suffix = Path(dst).suffix
+    if suffix in FILE_SUFFIXES:
+        container = FILE_SUFFIXES[suffix]
+        if container not in TARGET_CONTAINERS[target]:
+            allowed = [s for s, c in FILE_SUFFIXES.items() if c in TARGET_CONTAINERS[target]]
+            raise FormatError(f"{dst}: --to {target} writes {', '.join(allowed)} files or a directory, "
+                              f"not {suffix}")
+        return container, True
+    return ("orbax" if target == "flax" else FILE_SUFFIXES[Path(DIR_FILES[target]).suffix]), False
+
+
+def _fsync_tree(path: Path) -> None:
+    paths = [path] if path.is_file() else [p for p in path.rglob("*")] + [path]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _contiguous(weights: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    return {k: np.ascontiguousarray(to_numpy(v)) for k, v in weights.items()}
+
+
+def _save_safetensors(tmp: Path, arrays: Mapping[str, np.ndarray], cfg: TransformerConfig, names: str) -> None:
+    from safetensors.numpy import save_file
+
+    save_file(_contiguous(arrays), str(tmp), metadata={"format": "twin-transformer", "names": names,
+                                                       "config": cfg.to_json()})
+
+
+def _save_torch(tmp: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """torch.save of {name: tensor}; tensors share the arrays' memory, tied names share one tensor."""
+    import torch
+
+    tensors: dict[int, Any] = {}
+    out = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        for key, value in arrays.items():
+            if id(value) not in tensors:
+                a = np.ascontiguousarray(value)
+                tensors[id(value)] = (torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+                                      if a.dtype.name == "bfloat16" else torch.from_numpy(a))
+            out[key] = tensors[id(value)]
+    with open(tmp, "wb") as f:
+        torch.save(out, f)
+
+
+def _save_msgpack(tmp: Path, tree: Mapping[str, Any]) -> None:
+    """flax.serialization msgpack, packed leaf by leaf into the file (never the whole file in memory)."""
+    import msgpack
+    from flax import serialization
+
+    leaves = [np.asarray(v) for _, v in _flat_items(tree)]
+    if any(a.nbytes > serialization.MAX_CHUNK_SIZE for a in leaves):
+        tmp.write_bytes(serialization.msgpack_serialize(_contiguous_tree(tree)))  # flax chunks huge leaves
+        return
+    packer = msgpack.Packer(default=serialization._msgpack_ext_pack, strict_types=True)
+
+    def pack(f, node):
+        if isinstance(node, Mapping):
+            f.write(packer.pack_map_header(len(node)))
+            for k, v in node.items():
+                f.write(packer.pack(k))
+                pack(f, v)
+        else:
+            f.write(packer.pack(np.ascontiguousarray(node)))
+
+    with open(tmp, "wb") as f:
+        pack(f, tree)
+
+
+def _contiguous_tree(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {k: _contiguous_tree(v) for k, v in tree.items()}
+    return np.ascontiguousarray(tree)
+
+
+def _save_orbax(tmp: Path, tree: Mapping[str, Any], cfg: TransformerConfig) -> None:
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp.resolve(), tree, custom_metadata={ORBAX_CONFIG_KEY: cfg.to_dict()})
+        checkpointer.wait_until_finished()
+
+
+def _write_container(tmp: Path, container: str, target: str, cfg: TransformerConfig,
+                     weights: Mapping[str, np.ndarray]) -> None:
+    if target == "flax":
+        tree = {"params": canonical_to_flax(weights, cfg)}
+        (_save_orbax(tmp, tree, cfg) if container == "orbax" else _save_msgpack(tmp, tree))
+        return
+    arrays: Mapping[str, Any] = weights
+    names = "canonical"
+    if target == "nn-transformer":
+        outside = {k: v for k, v in weights.items() if k.startswith(OUTSIDE_STACKS)}
+        arrays, names = {**to_nn_state_dict(weights, cfg), **outside}, "nn-transformer"
+    (_save_safetensors(tmp, arrays, cfg, names) if container == "safetensors" else _save_torch(tmp, arrays))
+
+
+def _temp_name(dst: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    os.unlink(name)
+    return Path(name)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _install(tmp: Path, dst: Path, force: bool) -> None:
+    """Rename the finished `tmp` to `dst`; an existing `dst` is replaced only with `force`."""
+    if dst.exists() or dst.is_symlink():
+        if not force:
+            raise FormatError(f"{dst}: exists (pass --force to replace it)")
+        old = _temp_name(dst)
+        os.rename(dst, old)
+        try:
+            os.rename(tmp, dst)
+        except BaseException:
+            os.rename(old, dst)
+            raise
+        _remove(old)
+    else:
+        os.rename(tmp, dst)
+    fd = os.open(dst.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_destination(dst: str | os.PathLike, target: str, force: bool,
+                      src: str | os.PathLike | None = None) -> tuple[str, bool]:
+    """Refuse early what `write_checkpoint` would refuse at the end: returns `output_layout`."""
+    dst = Path(dst)
+    layout = output_layout(dst, target)
+    if not dst.parent.is_dir():
+        raise FormatError(f"{dst}: the directory {dst.parent} does not exist")
+    if not os.access(dst.parent, os.W_OK):
+        raise FormatError(f"{dst}: the directory {dst.parent} is not writable")
+    if src is not None and dst.exists() and (Path(src).resolve() == dst.resolve()
+                                            or dst.resolve() in Path(src).resolve().parents):
+        raise FormatError(f"{dst}: is the source (or holds it); write the result somewhere else")
+    if dst.exists() and not force:
+        raise FormatError(f"{dst}: exists (pass --force to replace it)")
+    return layout
+
+
+def write_checkpoint(dst: str | os.PathLike, target: str, cfg: TransformerConfig,
+                     weights: Mapping[str, np.ndarray], force: bool = False,
+                     companions: list[Path] | None = None) -> Path:
+    """Write canonical weights as `target` at `dst` (a file by suffix, else a directory), atomically."""
+    dst = Path(dst)
+    container, is_file = check_destination(dst, target, force)
+    check_canonical(weights, cfg)
+    tmp = _temp_name(dst)
+    try:
+        if is_file:
+            _write_container(tmp, container, target, cfg, weights)
+            os.chmod(tmp, 0o666 & ~_umask())
+        elif container == "orbax":
+            _write_container(tmp, container, target, cfg, weights)
+        else:
+            tmp.mkdir()
+            _write_container(tmp / DIR_FILES[target], container, target, cfg, weights)
+        if not is_file:
+            atomic_write_bytes(tmp / CONFIG_FILE, cfg.to_json().encode())
+            for companion in companions or ():
+                shutil.copyfile(companion, tmp / companion.name)
+            os.chmod(tmp, 0o777 & ~_umask())
+        _fsync_tree(tmp)
+        _install(tmp, dst, force)
+    except BaseException:
+        _remove(tmp)
+        raise
+    return dst
+
+
+def cast(weights: Mapping[str, np.ndarray], dtype: str | None) -> dict[str, np.ndarray]:
+    """Weights in `dtype` (None: unchanged); tied names stay one array."""
+    if dtype is None:
+        return dict(weights)
+    if dtype not in WEIGHT_DTYPES:
+        raise FormatError(f"unknown dtype {dtype!r}: choose from {', '.join(WEIGHT_DTYPES)}")
+    from parity.suite import np_dtype
+
+    target = np_dtype(dtype)
+    done: dict[int, np.ndarray] = {}
+    out = {}
+    for key, value in weights.items():
+        if id(value) not in done:
+            done[id(value)] = value if value.dtype == target else value.astype(target)
+        out[key] = done[id(value)]
+    return out
