@@ -1,4 +1,4 @@
-"""`twin`: the command line tool. Subcommands: train, translate, eval, parity, bench."""
+"""`twin`: the command line tool. Subcommands: train, translate, eval, convert, parity, bench."""
 
 from __future__ import annotations
 
@@ -207,6 +207,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    import time
+
+    from parity.convert import ConversionError
+    from parity.formats import FormatError, cast, check_destination, read_checkpoint, write_checkpoint
+
+    start = time.perf_counter()
+    try:
+        check_destination(args.dst, args.to, args.force, src=args.src)
+        loaded = read_checkpoint(args.src, config=args.config, allow_nonfinite=args.allow_nonfinite)
+        weights = cast(loaded.weights, args.dtype)
+        write_checkpoint(args.dst, args.to, loaded.cfg, weights, force=args.force, companions=loaded.companions)
+    except (FormatError, ConversionError) as e:
+        print(f"twin convert: error: {e}", file=sys.stderr)
+        return 1
+    except ImportError as e:
+        print(f"twin convert: error: {args.to if args.dst else ''} needs {e.name}, which is not installed "
+              "(pip install 'twin-transformer[all]')", file=sys.stderr)
+        return 1
+    print(f"read  {loaded.describe()}")
+    print(f"wrote {args.dst} ({args.to}{', ' + args.dtype if args.dtype else ''}) in "
+          f"{time.perf_counter() - start:.2f} s")
+    if not args.verify:
+        return 0
+    _setup_jax(args.device)
+    from parity.verify import verify
+
+    rows = verify(args.dst, args.to, loaded.cfg, weights, seed=args.seed, device=args.device)
+    label = f"{args.dst} d={loaded.cfg.d_model} h={loaded.cfg.num_heads} " \
+            f"L={loaded.cfg.num_encoder_layers}/{loaded.cfg.num_decoder_layers}"
+    return 1 if print_table([(label, r) for r in rows], f"twin convert --verify ({args.to}, {args.device})") else 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import runpy
     from pathlib import Path
@@ -313,6 +346,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", metavar="FILE", help="also write the scores and translations as JSON")
     _add_decoding_args(e)
     e.set_defaults(func=cmd_eval)
+    v = sub.add_parser("convert", help="convert a checkpoint between safetensors, PyTorch, Flax (orbax/msgpack) and "
+                       "torch.nn.Transformer", description="Read SRC (detected: a canonical .safetensors, a PyTorch "
+                       ".pt/.bin state dict, flax msgpack, an orbax checkpoint directory, a torch.nn.Transformer "
+                       "state dict, or a directory with config.json and one of these) and write it as --to. DST "
+                       "ending in .safetensors/.pt/.pth/.bin/.msgpack is a file; otherwise a directory with "
+                       "config.json (for flax: an orbax checkpoint). Pickles are read with "
+                       "torch.load(weights_only=True) only; writes are atomic.")
+    v.add_argument("src", metavar="SRC")
+    v.add_argument("dst", metavar="DST")
+    v.add_argument("--to", required=True, choices=("torch", "flax", "safetensors", "nn-transformer"))
+    v.add_argument("--verify", action="store_true", help="load DST with the target framework and run the parity "
+                   "checks of twin parity on it")
+    v.add_argument("--force", action="store_true", help="replace an existing DST")
+    v.add_argument("--dtype", choices=("float16", "bfloat16", "float32", "float64"),
+                   help="cast the weights (default: keep each tensor's dtype)")
+    v.add_argument("--config", metavar="CONFIG", help="config.json (or a directory holding one) for a SRC that "
+                   "carries none (.pt, .msgpack, nn.Transformer); overrides one SRC carries")
+    v.add_argument("--allow-nonfinite", action="store_true", help="convert weights that hold NaN or Inf")
+    v.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where --verify runs")
+    v.add_argument("--seed", type=int, default=0, help="inputs of --verify")
+    v.set_defaults(func=cmd_convert)
     b = sub.add_parser("bench", help="training-step throughput of each twin against its peer "
                        "(benchmarks/bench_train.py; arguments are passed on, e.g. --quick)")
     b.add_argument("--decode", action="store_true", help="decoding throughput instead: greedy, beam and sampling "

@@ -331,11 +331,8 @@ def from_nn_transformer(module, *, src_vocab_size: int, tgt_vocab_size: int,
     return cfg, {k: to_torch(arrays[k]) for k in stack_shapes(cfg)}
 
 
-def to_nn_transformer(state_dict: Mapping[str, Any], cfg: TransformerConfig):
-    """Canonical state dict (full, or the stacks only) -> torch.nn.Transformer(batch_first=True).
-
-    Embeddings and the output layer have no place in nn.Transformer and are left out.
-    """
+def build_nn_transformer(cfg: TransformerConfig):
+    """An untrained torch.nn.Transformer(batch_first=True) with the stacks of `cfg` (same state_dict keys)."""
     from torch import nn
 
     layer_kw = dict(d_model=cfg.d_model, nhead=cfg.num_heads, dim_feedforward=cfg.d_ff, dropout=cfg.dropout,
@@ -349,9 +346,16 @@ def to_nn_transformer(state_dict: Mapping[str, Any], cfg: TransformerConfig):
                                     norm=final_norm(), enable_nested_tensor=False)
     decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**layer_kw), cfg.num_decoder_layers,
                                     norm=final_norm())
-    module = nn.Transformer(d_model=cfg.d_model, nhead=cfg.num_heads, custom_encoder=encoder,
-                            custom_decoder=decoder, dim_feedforward=cfg.d_ff, dropout=cfg.dropout,
-                            batch_first=True)
+    return nn.Transformer(d_model=cfg.d_model, nhead=cfg.num_heads, custom_encoder=encoder,
+                          custom_decoder=decoder, dim_feedforward=cfg.d_ff, dropout=cfg.dropout, batch_first=True)
+
+
+def to_nn_transformer(state_dict: Mapping[str, Any], cfg: TransformerConfig):
+    """Canonical state dict (full, or the stacks only) -> torch.nn.Transformer(batch_first=True).
+
+    Embeddings and the output layer have no place in nn.Transformer and are left out.
+    """
+    module = build_nn_transformer(cfg)
     nn_sd = {k: to_torch(v) for k, v in to_nn_state_dict(state_dict, cfg).items()}
     module.to(next(iter(nn_sd.values())).dtype)
     module.load_state_dict(nn_sd, strict=True)

@@ -166,7 +166,7 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
             continue
         try:
             begin, end = info["data_offsets"]
-            dtype, shape = info["dtype"], info["shape"]
+            dtype, _ = info["dtype"], info["shape"]
         except (TypeError, KeyError, ValueError):
             raise _fail(path, f"malformed safetensors header entry for {key!r}") from None
         if end > data_len or begin > end:

@@ -261,3 +261,37 @@ def round_trip_checks(cfg: TransformerConfig, weights: Mapping[str, np.ndarray])
                 for k in weights)
     return [Check("round trip canonical->flax->canonical", str(next(iter(weights.values())).dtype),
                   max_abs, 0.0 if exact else float("inf"), 0.0)]
+
+
+def compare_nn_transformer(cfg: TransformerConfig, module, weights: Mapping[str, np.ndarray], inputs: Inputs,
+                           rng: np.random.Generator) -> Check:
+    """torch.nn.Transformer `module` against the torch twin's stacks on canonical `weights`, float64.
+
+    The same random embedded inputs (B, S, D) / (B, T, D) and masks go through both; nn.Transformer's
+    masks are True = ignore. Its fast path is turned off for the comparison (it zeroes padded rows).
+    """
+    import torch
+
+    import torch_tx
+    from parity.convert import to_torch
+
+    model = torch_tx.Transformer(cfg).double().eval()
+    model.load_state_dict({k: to_torch(np.asarray(v, dtype=np.float64)) for k, v in weights.items()}, strict=True)
+    module = module.double().eval()
+    b, s, t = inputs.src.shape + inputs.tgt.shape[1:]
+    x = torch.from_numpy(rng.standard_normal((b, s, cfg.d_model)))  # [B, S, D]
+    y = torch.from_numpy(rng.standard_normal((b, t, cfg.d_model)))  # [B, T, D]
+    src_mask, tgt_mask = torch.from_numpy(inputs.src_mask), torch.from_numpy(inputs.tgt_mask)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            causal = torch.ones(t, t, dtype=torch.bool).triu(1)  # [T, T], True = masked
+            ref = module(x, y, tgt_mask=causal, src_key_padding_mask=~src_mask, tgt_key_padding_mask=~tgt_mask,
+                         memory_key_padding_mask=~src_mask)  # [B, T, D]
+            cross = torch_tx.masks.key_mask(src_mask)  # [B, 1, 1, S]
+            memory = model.encoder(x, cross)  # [B, S, D]
+            got = model.decoder(y, memory, torch_tx.masks.decoder_self_mask(tgt_mask), cross)  # [B, T, D]
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return Check("nn.Transformer->torch stacks", "float64", *errors(got.numpy(), ref.numpy()), TOLERANCES["float64"])
