@@ -25,6 +25,7 @@ conversions pop what they have converted, so a checkpoint is not held twice.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -118,6 +119,8 @@ def detect(path: str | os.PathLike) -> tuple[str, Path]:
     if path.is_dir():
         if any((path / m).is_file() for m in ORBAX_MARKERS):
             return "orbax", path
+        if path.suffix in FILE_SUFFIXES:
+            raise _fail(path, "is a directory where a file was expected")
         candidates = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in FILE_SUFFIXES)
         standard = [p for p in candidates if p.name in (*DIR_FILES.values(), "flax_model.msgpack")]
         if len(standard) == 1 or len(candidates) == 1:
@@ -253,11 +256,34 @@ def _read_msgpack(path: Path) -> tuple[dict[str, Any], None]:
     return tree, None
 
 
+@contextlib.contextmanager
+def quiet_orbax() -> Iterator[None]:
+    """Orbax on a damaged checkpoint logs absl warnings and, from tensorstore's threads, 'Event loop is
+    closed' errors through sys.unraisablehook; the one-line FormatError says it all."""
+    import logging
+    import sys
+
+    absl = logging.getLogger("absl")
+    level, hook = absl.level, sys.unraisablehook
+
+    def drop_closed_loop(info):
+        if not (isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value)):
+            hook(info)
+
+    absl.setLevel(logging.ERROR)
+    sys.unraisablehook = drop_closed_loop
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+        sys.unraisablehook = hook
+
+
 def _read_orbax(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     import orbax.checkpoint as ocp
 
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        with quiet_orbax(), ocp.StandardCheckpointer() as checkpointer:
             custom = checkpointer.metadata(path.resolve()).custom_metadata or {}
             tree = checkpointer.restore(path.resolve())
     except Exception as e:  # noqa: BLE001
