@@ -52,13 +52,14 @@ def cmd_parity(args: argparse.Namespace) -> int:
     rng = np.random.default_rng(args.seed)
     rows: list[tuple[str, Check]] = []
     if args.run_dir:
-        from parity.checkpoint import CheckpointError, load_checkpoint
+        from parity.convert import ConversionError
+        from parity.formats import FormatError, read_checkpoint
 
         try:
-            cfg, weights = load_checkpoint(args.run_dir)
-        except CheckpointError as e:
+            loaded = read_checkpoint(args.run_dir, config=args.config)
+        except (FormatError, ConversionError) as e:
             raise SystemExit(f"twin parity: {e}") from None
-        cfg = cfg.replace(dropout=0.0)
+        cfg, weights = loaded.cfg.replace(dropout=0.0), loaded.weights
         jobs = [(os.path.basename(os.path.normpath(args.run_dir)), cfg, weights, source) for source in TWINS]
     else:
         jobs = []
@@ -244,7 +245,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import runpy
     from pathlib import Path
 
-    name = "bench_decode.py" if args.decode else "bench_train.py"
+    name = "bench_convert.py" if args.convert else "bench_decode.py" if args.decode else "bench_train.py"
     script = Path(__file__).resolve().parents[1] / "benchmarks" / name
     if not script.is_file():
         raise SystemExit(f"twin bench: benchmarks/{name} ships with the source repository; "
@@ -275,8 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="twin", description="One Transformer, two frameworks.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("parity", help="check that the PyTorch and Flax twins compute the same function")
-    p.add_argument("run_dir", nargs="?", help="checkpoint directory (config.json + model.safetensors); "
-                   "random configs when omitted")
+    p.add_argument("run_dir", nargs="?", metavar="CHECKPOINT", help="a run directory, or any checkpoint twin "
+                   "convert reads (safetensors, .pt, orbax, msgpack, nn.Transformer); random configs when omitted")
+    p.add_argument("--config", metavar="CONFIG", help="config.json for a CHECKPOINT that carries none")
     p.add_argument("--configs", type=int, default=4, help="number of random configs (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtypes", default="float32,float64", help="comma-separated: float32,float64,bfloat16")
@@ -372,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode", action="store_true", help="decoding throughput instead: greedy, beam and sampling "
                    "with the KV cache against torch.nn.Transformer's prefix-recomputing loop "
                    "(benchmarks/bench_decode.py)")
+    b.add_argument("--convert", action="store_true", help="time and peak RSS of twin convert on a >= 1 GB checkpoint "
+                   "between every format, against reading the file once (benchmarks/bench_convert.py)")
     b.set_defaults(func=cmd_bench)
     return parser
 

@@ -280,3 +280,10 @@ def test_the_config_flag_overrides_and_a_bad_config_is_named(sources, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"twin convert: error: {bad}: not a valid config") and "d_model" in err
     assert not (tmp_path / "o.pt").exists()
+
+
+def test_twin_parity_reads_any_format(sources, capsys):
+    src = sources["bfloat16", "msgpack"]
+    assert main(["parity", str(src), *config_args(src), "--dtypes", "float64"]) == 0
+    out = capsys.readouterr().out
+    assert "torch->jax logits" in out and "jax->torch logits" in out and " 0 failed" in out
