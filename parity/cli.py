@@ -224,7 +224,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"twin convert: error: {e}", file=sys.stderr)
         return 1
     except ImportError as e:
-        print(f"twin convert: error: {args.to if args.dst else ''} needs {e.name}, which is not installed "
+        print(f"twin convert: error: this conversion needs {e.name or e}, which is not installed "
               "(pip install 'twin-transformer[all]')", file=sys.stderr)
         return 1
     print(f"read  {loaded.describe()}")

@@ -26,7 +26,6 @@ conversions pop what they have converted, so a checkpoint is not held twice.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -192,7 +191,12 @@ def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
             raise _fail(path, "the config in the safetensors metadata is not valid JSON") from None
     from safetensors import safe_open
 
-    framework = "pt" if importlib.util.find_spec("torch") else "numpy"
+    try:
+        import torch  # noqa: F401
+
+        framework = "pt"
+    except ImportError:
+        framework = "numpy"
     try:
         with safe_open(str(path), framework=framework) as f:
             arrays = {k: to_numpy(f.get_tensor(k)) for k in f.keys()}

@@ -33,6 +33,14 @@ def test_torch_twin_without_jax():
         assert out.shape == (1, 2, 5)
         assert torch_tx.generate(torch_tx.Transformer(cfg), torch.ones(1, 3, dtype=torch.long), max_new_tokens=4,
                                  bos_id=1, eos_id=2).shape[0] == 1
+        import tempfile, pathlib
+        from parity import formats
+        tmp = pathlib.Path(tempfile.mkdtemp())
+        sd = torch_tx.Transformer(cfg).state_dict()
+        formats.write_checkpoint(tmp / "m.safetensors", "safetensors", cfg, {k: v.numpy() for k, v in sd.items()})
+        assert cli.main(["convert", str(tmp / "m.safetensors"), str(tmp / "out"), "--to", "torch"]) == 0
+        assert torch.equal(torch.load(tmp / "out" / "pytorch_model.bin")["generator.weight"], sd["generator.weight"])
+        assert cli.main(["convert", str(tmp / "m.safetensors"), str(tmp / "x"), "--to", "flax"]) == 1  # names jax
         assert not any(m.split(".")[0] in ("jax", "flax") for m in sys.modules)
     """)
 
@@ -50,6 +58,13 @@ def test_jax_twin_without_torch():
         sd = convert.flax_to_canonical(v["params"], cfg)
         assert "generator.weight" in sd
         assert jax_tx.generate(m, v, ids, max_new_tokens=4, bos_id=1, eos_id=2).shape[0] == 1
+        import tempfile, pathlib, numpy as np
+        from parity import formats
+        tmp = pathlib.Path(tempfile.mkdtemp())
+        formats.write_checkpoint(tmp / "m.safetensors", "safetensors", cfg, sd)
+        assert cli.main(["convert", str(tmp / "m.safetensors"), str(tmp / "out"), "--to", "flax"]) == 0
+        assert np.array_equal(formats.read_checkpoint(tmp / "out").weights["generator.weight"], sd["generator.weight"])
+        assert cli.main(["convert", str(tmp / "m.safetensors"), str(tmp / "x.pt"), "--to", "torch"]) == 1
         assert "torch" not in sys.modules
     """)
 
@@ -58,6 +73,7 @@ def test_parity_imports_no_framework():
     _run(set(), """
         import parity, parity.config, parity.names, parity.convert, parity.checkpoint, parity.suite, parity.cli
         import parity.decoding, parity.translate, parity.train, parity.tokenizer, parity.data, parity.batching
+        import parity.formats, parity.verify
         loaded = {m.split(".")[0] for m in sys.modules}
         assert not loaded & {"torch", "jax", "flax"}, loaded & {"torch", "jax", "flax"}
     """)
