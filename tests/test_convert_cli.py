@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -195,25 +196,57 @@ def test_an_existing_destination_needs_force(sources, tmp_path, capsys):
         assert sorted(p.name for p in tmp_path.iterdir()) == before  # the old one is gone, no temporaries
 
 
-@pytest.mark.parametrize("to,file", [("torch", "out.pt"), ("flax", "orbax"), ("safetensors", "dir")])
-def test_a_failure_while_writing_leaves_nothing_and_keeps_the_old_destination(sources, tmp_path, capsys,
-                                                                              monkeypatch, to, file):
-    src = sources["float32", "safetensors"]
-    dst = tmp_path / file
-    assert convert(src, dst, "--to", to) == 0
-    old = {p.relative_to(dst).as_posix() if dst.is_dir() else p.name: p.read_bytes()
-           for p in ([dst] if dst.is_file() else dst.rglob("*")) if p.is_file()}
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
+
+def fail_while_writing(monkeypatch, point: str, dst: Path) -> None:
+    """Make the next conversion fail: half-way through writing its data, at fsync, or at the rename."""
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(formats, "_fsync_tree", disk_full)
+    if point == "writing":
+        real = formats._write_container
+
+        def half_written(tmp, *args):
+            real(tmp, *args)
+            (tmp / "partial" if tmp.is_dir() else tmp).write_bytes(b"half")
+            disk_full()
+
+        monkeypatch.setattr(formats, "_write_container", half_written)
+    elif point == "fsync":
+        monkeypatch.setattr(formats, "_fsync_tree", disk_full)
+    else:
+        real_rename, failed = os.rename, []
+
+        def rename(a, b):  # the new file's rename into place fails (once: putting an old DST back works)
+            if Path(b) == dst and not failed:
+                failed.append(a)
+                disk_full()
+            real_rename(a, b)
+
+        monkeypatch.setattr(os, "rename", rename)
+
+
+@pytest.mark.parametrize("point", ["writing", "fsync", "rename"])
+@pytest.mark.parametrize("to,file", [("torch", "out.pt"), ("flax", "orbax"), ("safetensors", "dir")])
+def test_a_failure_while_writing_leaves_nothing_and_keeps_the_old_destination(sources, tmp_path, monkeypatch,
+                                                                              to, file, point):
+    src = sources["float32", "safetensors"]
+    dst = tmp_path / "out" / file
+    dst.parent.mkdir()
+    assert convert(src, dst, "--to", to) == 0
+    old = snapshot(tmp_path / "out")
+    fail_while_writing(monkeypatch, point, dst)
     with pytest.raises(OSError, match="No space"):
         convert(src, dst, "--to", to, "--force")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [file]
-    now = {p.relative_to(dst).as_posix() if dst.is_dir() else p.name: p.read_bytes()
-           for p in ([dst] if dst.is_file() else dst.rglob("*")) if p.is_file()}
-    assert now == old
+    assert snapshot(tmp_path / "out") == old  # the old DST whole, no temporaries, no partial file
+    monkeypatch.undo()
+    (dst.unlink() if dst.is_file() else shutil.rmtree(dst))
+    fail_while_writing(monkeypatch, point, dst)
+    with pytest.raises(OSError, match="No space"):
+        convert(src, dst, "--to", to)
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_the_source_is_never_the_destination(sources, tmp_path, capsys):
