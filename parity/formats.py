@@ -41,7 +41,8 @@ import numpy as np
 from parity.checkpoint import CONFIG_FILE, atomic_write_bytes, _umask
 from parity.config import TransformerConfig
 from parity.convert import (OUTSIDE_STACKS, ConversionError, aliases, canonical_to_flax, check_canonical,
-                            check_ties, flax_to_canonical, from_nn_state_dict, to_nn_state_dict, to_numpy)
+                            check_ties, contiguous, flax_to_canonical, from_nn_state_dict, to_nn_state_dict,
+                            to_numpy)
 from parity.names import canonical_shapes
 
 WEIGHT_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -248,11 +249,19 @@ def _read_torch(path: Path) -> tuple[dict[str, np.ndarray], None]:
 
 
 def _read_msgpack(path: Path) -> tuple[dict[str, Any], None]:
+    """`flax.serialization.msgpack_restore`, streamed from the file: one array's bytes buffered at a time."""
+    import msgpack
     from flax import serialization
 
-    _read_head(path, 0)
+    _, size = _read_head(path, 0)
     try:
-        tree = serialization.msgpack_restore(path.read_bytes())
+        with open(path, "rb") as f:
+            unpacker = msgpack.Unpacker(f, ext_hook=serialization._msgpack_ext_unpack, raw=False,
+                                        read_size=min(16 << 20, max(size, 1)), max_buffer_size=max(size, 1 << 20))
+            tree = unpacker.unpack()
+            if f.read(1) or unpacker.tell() != size:
+                raise ValueError(f"trailing data after byte {unpacker.tell()}")
+        tree = serialization._unchunk_array_leaves_in_place(tree)
     except OSError as e:
         raise _fail(path, f"cannot read ({e.strerror or e})") from None
     except Exception as e:  # noqa: BLE001
@@ -437,7 +446,7 @@ def _fsync_tree(path: Path) -> None:
 
 
 def _contiguous(weights: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    return {k: np.ascontiguousarray(to_numpy(v)) for k, v in weights.items()}
+    return {k: contiguous(to_numpy(v)) for k, v in weights.items()}
 
 
 def _save_safetensors(tmp: Path, arrays: Mapping[str, np.ndarray], cfg: TransformerConfig, names: str) -> None:
@@ -457,7 +466,7 @@ def _save_torch(tmp: Path, arrays: Mapping[str, np.ndarray]) -> None:
         warnings.filterwarnings("ignore", message=".*not writable.*")
         for key, value in arrays.items():
             if id(value) not in tensors:
-                a = np.ascontiguousarray(value)
+                a = contiguous(value)
                 tensors[id(value)] = (torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
                                       if a.dtype.name == "bfloat16" else torch.from_numpy(a))
             out[key] = tensors[id(value)]
@@ -465,42 +474,66 @@ def _save_torch(tmp: Path, arrays: Mapping[str, np.ndarray]) -> None:
         torch.save(out, f)
 
 
+def _msgpack_length(n: int, codes: tuple[int, int, int]) -> bytes:
+    """msgpack's 8/16/32-bit length prefix: bin (c4, c5, c6) or ext (c7, c8, c9)."""
+    for code, width in zip(codes, (1, 2, 4)):
+        if n < 1 << (8 * width):
+            return bytes([code]) + n.to_bytes(width, "big")
+    raise FormatError(f"an array of {n} bytes is too large for msgpack")
+
+
+_FIXEXT = {1: 0xD4, 2: 0xD5, 4: 0xD6, 8: 0xD7, 16: 0xD8}
+
+
+def _ndarray_head(packer, a: np.ndarray, code: int) -> bytes:
+    """What flax.serialization writes before an array's raw bytes: ExtType(ndarray, packb((shape, dtype
+    name, bytes))) up to the bytes themselves (tests compare with `msgpack_serialize`, byte for byte)."""
+    inner = (packer.pack_array_header(3) + packer.pack(list(a.shape)) + packer.pack(a.dtype.name)
+             + _msgpack_length(a.nbytes, (0xC4, 0xC5, 0xC6)))
+    n = len(inner) + a.nbytes
+    return (bytes([_FIXEXT[n]]) if n in _FIXEXT else _msgpack_length(n, (0xC7, 0xC8, 0xC9))) + bytes([code]) + inner
+
+
 def _save_msgpack(tmp: Path, tree: Mapping[str, Any]) -> None:
-    """flax.serialization msgpack, packed leaf by leaf into the file (never the whole file in memory)."""
+    """flax.serialization msgpack written leaf by leaf, each array's buffer straight into the file."""
     import msgpack
     from flax import serialization
 
-    leaves = [np.asarray(v) for _, v in _flat_items(tree)]
-    if any(a.nbytes > serialization.MAX_CHUNK_SIZE for a in leaves):
-        tmp.write_bytes(serialization.msgpack_serialize(_contiguous_tree(tree)))  # flax chunks huge leaves
+    if any(np.asarray(v).nbytes > serialization.MAX_CHUNK_SIZE for _, v in _flat_items(tree)):
+        tmp.write_bytes(serialization.msgpack_serialize(tree))  # flax splits such arrays into chunks
         return
-    packer = msgpack.Packer(default=serialization._msgpack_ext_pack, strict_types=True)
+    packer = msgpack.Packer(use_bin_type=True, strict_types=True)
+    code = int(serialization._MsgpackExtType.ndarray)
 
     def pack(f, node):
         if isinstance(node, Mapping):
             f.write(packer.pack_map_header(len(node)))
-            for k, v in node.items():
+            for k in sorted(node):  # flax's tree_map sorts dict keys
                 f.write(packer.pack(k))
-                pack(f, v)
+                pack(f, node[k])
         else:
-            f.write(packer.pack(np.ascontiguousarray(node)))
+            a = contiguous(to_numpy(node))
+            f.write(_ndarray_head(packer, a, code))
+            f.write(a.reshape(-1).view(np.uint8))
 
     with open(tmp, "wb") as f:
         pack(f, tree)
 
 
-def _contiguous_tree(tree: Any) -> Any:
-    if isinstance(tree, Mapping):
-        return {k: _contiguous_tree(v) for k, v in tree.items()}
-    return np.ascontiguousarray(tree)
-
-
 def _save_orbax(tmp: Path, tree: Mapping[str, Any], cfg: TransformerConfig) -> None:
+    """Orbax PyTree checkpoint of numpy arrays, written from the arrays themselves (no host copies),
+    one zarr array per param in 16 MiB chunks (OCDBT would hold the encoded data until commit)."""
+    import jax
     import orbax.checkpoint as ocp
+    from orbax.checkpoint import type_handlers
 
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(tmp.resolve(), tree, custom_metadata={ORBAX_CONFIG_KEY: cfg.to_dict()})
-        checkpointer.wait_until_finished()
+    registry = type_handlers.create_type_handler_registry(
+        (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, type_handler_registry=registry)
+    save_args = jax.tree_util.tree_map(lambda _: ocp.SaveArgs(chunk_byte_size=16 << 20), tree)
+    with ocp.Checkpointer(handler) as checkpointer:
+        checkpointer.save(tmp.resolve(), args=ocp.args.PyTreeSave(tree, save_args=save_args),
+                          custom_metadata={ORBAX_CONFIG_KEY: cfg.to_dict()})
 
 
 def _write_container(tmp: Path, container: str, target: str, cfg: TransformerConfig,

@@ -320,3 +320,18 @@ def test_twin_parity_reads_any_format(sources, capsys):
     assert main(["parity", str(src), *config_args(src), "--dtypes", "float64"]) == 0
     out = capsys.readouterr().out
     assert "torch->jax logits" in out and "jax->torch logits" in out and " 0 failed" in out
+
+
+def test_msgpack_is_byte_for_byte_what_flax_writes(tmp_path):
+    """The streamed writer emits exactly flax.serialization.msgpack_serialize's bytes (fixext, ext8/16/32)."""
+    import ml_dtypes
+    from flax import serialization
+
+    from parity.convert import canonical_to_flax
+
+    odd = {"a": np.arange(1, dtype=ml_dtypes.bfloat16), "b": np.zeros((0, 3), np.float32),
+           "c": np.full((70, 500), 0.5, np.float64)}  # a 16-byte fixext, an empty array, an ext32
+    for dtype in DTYPES:
+        tree = {"params": canonical_to_flax(random_weights(CFG, dtype), CFG), "odd": odd}
+        formats._save_msgpack(tmp_path / f"{dtype}.msgpack", tree)
+        assert (tmp_path / f"{dtype}.msgpack").read_bytes() == serialization.msgpack_serialize(tree)

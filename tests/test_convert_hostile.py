@@ -241,7 +241,7 @@ def test_other_garbage_is_named(case, capsys, content, message):
 def test_a_damaged_orbax_checkpoint(case, capsys):
     src, out = case
     formats.write_checkpoint(src / "ckpt", "flax", CFG, weights())
-    os.remove(src / "ckpt" / "manifest.ocdbt")
+    os.remove(src / "ckpt" / "params.generator.bias" / "0")
     assert f"{src / 'ckpt'}: not a readable orbax checkpoint" in refused(capsys, src / "ckpt", out)
 
 
@@ -275,7 +275,7 @@ def test_the_command_line_refuses_without_a_traceback(tmp_path, kind):
         (tmp_path / "config.json").write_text(json.dumps(CFG.to_dict()))
     else:
         src = formats.write_checkpoint(tmp_path / "ckpt", "flax", CFG, weights())
-        os.remove(src / "manifest.ocdbt")
+        os.remove(src / "params.generator.bias" / "0")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-m", "parity.cli", "convert", str(src), str(tmp_path / "out"),
                            "--to", "torch"], capture_output=True, text=True, env=env, timeout=300)
