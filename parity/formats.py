@@ -248,6 +248,26 @@ def _read_torch(path: Path) -> tuple[dict[str, np.ndarray], None]:
     return {k: to_numpy(v) for k, v in out.items()}, None
 
 
+def _ndarray_ext_view(code: int, data: bytes) -> Any:
+    """flax.serialization's ext hook, except that an array is a view over the ext's bytes (flax's
+    `_ndarray_from_bytes` unpacks them into one more copy): (shape, dtype name, bin) parsed in place."""
+    import msgpack
+    from flax import serialization
+
+    if code != serialization._MsgpackExtType.ndarray:
+        return serialization._msgpack_ext_unpack(code, data)
+    head = msgpack.Unpacker(raw=True)
+    head.feed(data[:4096])
+    if head.read_array_header() != 3:
+        raise ValueError("an ndarray entry is not (shape, dtype, data)")
+    shape, name = head.unpack(), head.unpack()
+    pos = head.tell()
+    width = {0xC4: 1, 0xC5: 2, 0xC6: 4}[data[pos]]
+    n = int.from_bytes(data[pos + 1:pos + 1 + width], "big")
+    dtype = np.dtype(serialization._dtype_from_name(name))
+    return np.frombuffer(data, dtype, count=n // dtype.itemsize, offset=pos + 1 + width).reshape(shape)
+
+
 def _read_msgpack(path: Path) -> tuple[dict[str, Any], None]:
     """`flax.serialization.msgpack_restore`, streamed from the file: one array's bytes buffered at a time."""
     import msgpack
@@ -256,7 +276,7 @@ def _read_msgpack(path: Path) -> tuple[dict[str, Any], None]:
     _, size = _read_head(path, 0)
     try:
         with open(path, "rb") as f:
-            unpacker = msgpack.Unpacker(f, ext_hook=serialization._msgpack_ext_unpack, raw=False,
+            unpacker = msgpack.Unpacker(f, ext_hook=_ndarray_ext_view, raw=False,
                                         read_size=min(16 << 20, max(size, 1)), max_buffer_size=max(size, 1 << 20))
             tree = unpacker.unpack()
             if f.read(1) or unpacker.tell() != size:
@@ -271,8 +291,9 @@ def _read_msgpack(path: Path) -> tuple[dict[str, Any], None]:
 
 @contextlib.contextmanager
 def quiet_orbax() -> Iterator[None]:
-    """Orbax on a damaged checkpoint logs absl warnings and, from tensorstore's threads, 'Event loop is
-    closed' errors through sys.unraisablehook; the one-line FormatError says it all."""
+    """Orbax logs absl warnings (about handler choices when saving; about a damaged checkpoint when
+    restoring, with 'Event loop is closed' errors from tensorstore's threads through
+    sys.unraisablehook): `twin convert` reports in its own words instead."""
     import logging
     import sys
 
@@ -527,13 +548,14 @@ def _save_orbax(tmp: Path, tree: Mapping[str, Any], cfg: TransformerConfig) -> N
     import orbax.checkpoint as ocp
     from orbax.checkpoint import type_handlers
 
-    registry = type_handlers.create_type_handler_registry(
-        (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
-    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, type_handler_registry=registry)
     save_args = jax.tree_util.tree_map(lambda _: ocp.SaveArgs(chunk_byte_size=16 << 20), tree)
-    with ocp.Checkpointer(handler) as checkpointer:
-        checkpointer.save(tmp.resolve(), args=ocp.args.PyTreeSave(tree, save_args=save_args),
-                          custom_metadata={ORBAX_CONFIG_KEY: cfg.to_dict()})
+    with quiet_orbax():
+        registry = type_handlers.create_type_handler_registry(
+            (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+        handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, type_handler_registry=registry)
+        with ocp.Checkpointer(handler) as checkpointer:
+            checkpointer.save(tmp.resolve(), args=ocp.args.PyTreeSave(tree, save_args=save_args),
+                              custom_metadata={ORBAX_CONFIG_KEY: cfg.to_dict()})
 
 
 def _write_container(tmp: Path, container: str, target: str, cfg: TransformerConfig,

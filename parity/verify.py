@@ -11,7 +11,7 @@ import numpy as np
 
 from parity.config import TransformerConfig
 from parity.convert import OUTSIDE_STACKS, aliases, flax_to_canonical, from_nn_state_dict, to_numpy
-from parity.formats import DIR_FILES, output_layout
+from parity.formats import DIR_FILES, output_layout, quiet_orbax
 from parity.suite import Check, compare_nn_transformer, compare_twins, random_inputs
 
 
@@ -40,7 +40,7 @@ def load_native(dst: str | Path, target: str, cfg: TransformerConfig) -> tuple[d
         if container == "orbax":
             import orbax.checkpoint as ocp
 
-            with ocp.StandardCheckpointer() as checkpointer:
+            with quiet_orbax(), ocp.StandardCheckpointer() as checkpointer:
                 variables = checkpointer.restore(path.resolve())
             if jax.tree_util.tree_structure(variables) != jax.tree_util.tree_structure(template):
                 raise ValueError(f"{path}: the restored tree is not jax_tx.Transformer's variables")

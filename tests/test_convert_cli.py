@@ -152,7 +152,8 @@ def test_verify_loads_each_target_and_runs_the_parity_checks(sources, tmp_path, 
     to, file = FORMATS[name]
     src = sources["float32", "safetensors"]
     assert convert(src, tmp_path / file, "--to", to, "--verify") == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert err == ""  # no library warnings either
     assert f"{to} reload bit-exact" in out
     assert "logits" in out and "grads" in out and " 0 failed" in out
     if name == "nn-transformer":
