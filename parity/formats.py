@@ -289,28 +289,35 @@ def _read_msgpack(path: Path) -> tuple[dict[str, Any], None]:
     return tree, None
 
 
+class _DropClosedLoopErrors:
+    """sys.unraisablehook that drops the 'Event loop is closed' RuntimeErrors which tensorstore's threads
+    report after orbax has given up on a damaged checkpoint (even after it returned); others pass on."""
+
+    def __init__(self, hook):
+        self.hook = hook
+
+    def __call__(self, info):
+        if not (isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value)):
+            self.hook(info)
+
+
 @contextlib.contextmanager
 def quiet_orbax() -> Iterator[None]:
-    """Orbax logs absl warnings (about handler choices when saving; about a damaged checkpoint when
-    restoring, with 'Event loop is closed' errors from tensorstore's threads through
-    sys.unraisablehook): `twin convert` reports in its own words instead."""
+    """Orbax's absl warnings (about handler choices when saving, about a damaged checkpoint when
+    restoring) off for the block, and `_DropClosedLoopErrors` installed: `twin convert` reports in its
+    own words instead."""
     import logging
     import sys
 
     absl = logging.getLogger("absl")
-    level, hook = absl.level, sys.unraisablehook
-
-    def drop_closed_loop(info):
-        if not (isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value)):
-            hook(info)
-
+    level = absl.level
+    if not isinstance(sys.unraisablehook, _DropClosedLoopErrors):
+        sys.unraisablehook = _DropClosedLoopErrors(sys.unraisablehook)
     absl.setLevel(logging.ERROR)
-    sys.unraisablehook = drop_closed_loop
     try:
         yield
     finally:
         absl.setLevel(level)
-        sys.unraisablehook = hook
 
 
 def _read_orbax(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
