@@ -144,8 +144,11 @@ def detect(path: str | os.PathLike) -> tuple[str, Path]:
     raise _fail(path, "unrecognised format (not safetensors, a PyTorch state dict, flax msgpack or orbax)")
 
 
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    """The validated JSON header: lengths and offsets inside the file, dtypes convertible."""
+def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(the validated JSON header, where the data starts): every tensor inside the file, its byte count
+    matching its shape and dtype, its dtype convertible."""
+    from parity.suite import np_dtype
+
     head, size = _read_head(path, 8)
     if size == 0:
         raise _fail(path, "empty file")
@@ -168,41 +171,44 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
         if key == "__metadata__":
             continue
         try:
-            begin, end = info["data_offsets"]
-            dtype, _ = info["dtype"], info["shape"]
+            begin, end = (int(x) for x in info["data_offsets"])
+            dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
         except (TypeError, KeyError, ValueError):
             raise _fail(path, f"malformed safetensors header entry for {key!r}") from None
-        if end > data_len or begin > end:
+        if end > data_len or not 0 <= begin <= end:
             raise _fail(path, f"truncated: tensor {key!r} needs bytes {begin}..{end} of the data, "
                         f"which has {data_len} bytes")
         if dtype not in _SAFETENSORS_DTYPES:
             raise _unconvertible(path, key, dtype)
-    return header
+        if int(np.prod(shape)) * np_dtype(_SAFETENSORS_DTYPES[dtype]).itemsize != end - begin:
+            raise _fail(path, f"{key!r}: shape {shape} of {dtype} needs "
+                        f"{int(np.prod(shape)) * np_dtype(_SAFETENSORS_DTYPES[dtype]).itemsize} bytes, "
+                        f"the header gives {end - begin}")
+    return header, 8 + n
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
-    """Memory-mapped through torch when it is installed (no copy), else copied into numpy."""
-    header = _safetensors_header(path)
-    metadata = header.get("__metadata__") or {}
+    """Arrays that are views of the memory-mapped file (the format is laid out for this: a validated
+    header, then each tensor's little-endian bytes), so nothing is copied and no framework is needed."""
+    from parity.suite import np_dtype
+
+    header, start = _safetensors_header(path)
+    metadata = header.pop("__metadata__", None) or {}
     config = None
     if "config" in metadata:
         try:
             config = json.loads(metadata["config"])
-        except ValueError:
+        except (TypeError, ValueError):
             raise _fail(path, "the config in the safetensors metadata is not valid JSON") from None
-    from safetensors import safe_open
-
     try:
-        import torch  # noqa: F401
-
-        framework = "pt"
-    except ImportError:
-        framework = "numpy"
-    try:
-        with safe_open(str(path), framework=framework) as f:
-            arrays = {k: to_numpy(f.get_tensor(k)) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001 - the library's errors become one line naming the file
-        raise _fail(path, f"not a readable safetensors file ({_short(e)})") from None
+        data = np.memmap(path, dtype=np.uint8, mode="r")
+    except OSError as e:
+        raise _fail(path, f"cannot read ({e.strerror or e})") from None
+    arrays = {}
+    for key, info in header.items():
+        begin, end = info["data_offsets"]
+        dtype = np_dtype(_SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<")
+        arrays[key] = data[start + begin:start + end].view(dtype).reshape(info["shape"])
     return arrays, config
 
 
@@ -320,16 +326,60 @@ def quiet_orbax() -> Iterator[None]:
         absl.setLevel(level)
 
 
+def _nest(paths: list[tuple[str, ...]]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path in paths:
+        node = tree
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = 0
+    return tree
+
+
+def _merge(into: dict[str, Any], tree: Mapping[str, Any]) -> None:
+    for name, value in tree.items():
+        if isinstance(value, Mapping):
+            _merge(into.setdefault(name, {}), value)
+        else:
+            into[name] = value
+
+
+ORBAX_GROUP_BYTES = 64 << 20
+
+
 def _read_orbax(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The params of an orbax checkpoint as numpy arrays, restored in groups of about 64 MiB (a whole
+    restore holds tensorstore's buffers for every array at once); a train state's other entries
+    (optimizer moments, step) are not read."""
+    import jax
     import orbax.checkpoint as ocp
 
     try:
-        with quiet_orbax(), ocp.StandardCheckpointer() as checkpointer:
-            custom = checkpointer.metadata(path.resolve()).custom_metadata or {}
-            tree = checkpointer.restore(path.resolve())
+        with quiet_orbax(), ocp.PyTreeCheckpointer() as checkpointer:
+            metadata = checkpointer.metadata(path.resolve())
+            custom = metadata.custom_metadata or {}
+            tree = metadata.item_metadata.tree
+            prefix: tuple[str, ...] = ()
+            while isinstance(tree, Mapping) and "params" in tree:
+                tree, prefix = tree["params"], prefix + ("params",)
+            leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+            if not all(isinstance(k, jax.tree_util.DictKey) for p, _ in leaves for k in p):
+                return checkpointer.restore(path.resolve()), custom.get(ORBAX_CONFIG_KEY)
+            restored: dict[str, Any] = {}
+            group: list[tuple[str, ...]] = []
+            size = 0
+            for i, (keys, meta) in enumerate(leaves):
+                group.append(prefix + tuple(str(k.key) for k in keys))
+                size += int(np.prod(meta.shape)) * np.dtype(meta.dtype).itemsize
+                if size >= ORBAX_GROUP_BYTES or i == len(leaves) - 1:
+                    item = _nest(group)
+                    args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+                    _merge(restored, checkpointer.restore(path.resolve(), args=ocp.args.PyTreeRestore(
+                        item=item, restore_args=args, partial_restore=True)))
+                    group, size = [], 0
     except Exception as e:  # noqa: BLE001
         raise _fail(path, f"not a readable orbax checkpoint ({_short(e)})") from None
-    return tree, custom.get(ORBAX_CONFIG_KEY)
+    return restored, custom.get(ORBAX_CONFIG_KEY)
 
 
 READERS = {"safetensors": _read_safetensors, "torch": _read_torch, "msgpack": _read_msgpack,
@@ -402,9 +452,10 @@ def read_checkpoint(src: str | os.PathLike, config: str | os.PathLike | None = N
     """
     src = Path(src)
     container, path = detect(src)
+    given = load_config_file(config) if config is not None else None
     raw, embedded = READERS[container](path)
-    if config is not None:
-        cfg, config_source = load_config_file(config), str(config)
+    if given is not None:
+        cfg, config_source = given, str(config)
     else:
         beside = (path if path.is_dir() else path.parent) / CONFIG_FILE
         if embedded is not None:
@@ -550,7 +601,8 @@ def _save_msgpack(tmp: Path, tree: Mapping[str, Any]) -> None:
 
 def _save_orbax(tmp: Path, tree: Mapping[str, Any], cfg: TransformerConfig) -> None:
     """Orbax PyTree checkpoint of numpy arrays, written from the arrays themselves (no host copies),
-    one zarr array per param in 16 MiB chunks (OCDBT would hold the encoded data until commit)."""
+    one zarr array per param in 16 MiB chunks (OCDBT would hold the encoded data until commit),
+    uncompressed (float weights shrink by under 10% and restore 4x slower)."""
     import jax
     import orbax.checkpoint as ocp
     from orbax.checkpoint import type_handlers
@@ -559,7 +611,7 @@ def _save_orbax(tmp: Path, tree: Mapping[str, Any], cfg: TransformerConfig) -> N
     with quiet_orbax():
         registry = type_handlers.create_type_handler_registry(
             (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
-        handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, type_handler_registry=registry)
+        handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_compression=False, type_handler_registry=registry)
         with ocp.Checkpointer(handler) as checkpointer:
             checkpointer.save(tmp.resolve(), args=ocp.args.PyTreeSave(tree, save_args=save_args),
                               custom_metadata={ORBAX_CONFIG_KEY: cfg.to_dict()})

@@ -336,3 +336,22 @@ def test_msgpack_is_byte_for_byte_what_flax_writes(tmp_path):
         tree = {"params": canonical_to_flax(random_weights(CFG, dtype), CFG), "odd": odd}
         formats._save_msgpack(tmp_path / f"{dtype}.msgpack", tree)
         assert (tmp_path / f"{dtype}.msgpack").read_bytes() == serialization.msgpack_serialize(tree)
+
+
+def test_an_orbax_train_state_saved_with_orbax_defaults_is_read(tmp_path):
+    """What a Flax training script writes: StandardCheckpointer (OCDBT, compressed) of a train state;
+    only its params are read, with the config passed in."""
+    import orbax.checkpoint as ocp
+
+    from parity.convert import canonical_to_flax
+
+    want = random_weights(CFG, "float32")
+    params = canonical_to_flax(want, CFG)
+    state = {"step": np.int64(7), "params": params,
+             "opt_state": {"mu": {k: np.zeros_like(v) for k, v in params["generator"].items()}}}
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save((tmp_path / "state").resolve(), state)
+    (tmp_path / "config.json").write_text(CFG.to_json())
+    assert convert(tmp_path / "state", tmp_path / "out.safetensors", "--to", "safetensors", "--config",
+                   tmp_path / "config.json") == 0
+    assert_bit_exact(formats.read_checkpoint(tmp_path / "out.safetensors").weights, want)

@@ -283,3 +283,16 @@ def test_the_command_line_refuses_without_a_traceback(tmp_path, kind):
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.startswith(f"twin convert: error: {src}: {'refused' if kind == 'pickle' else 'not a'}")
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_safetensors_header_that_lies_about_a_shape(case, capsys):
+    src, out = case
+    path = save_safetensors(src / "m.safetensors", weights())
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    text = data[8:8 + n].decode()
+    at = text.index('"shape":[16,8]', text.index(f'"{KEY}"'))
+    text = text[:at] + '"shape":[16,9]' + text[at + 14:]
+    path.write_bytes(data[:8] + text.encode() + data[8 + n:])
+    line = refused(capsys, path, out)
+    assert f"{KEY!r}: shape (16, 9) of F32 needs 576 bytes, the header gives 512" in line
