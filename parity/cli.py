@@ -212,8 +212,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import time
 
     from parity.convert import ConversionError
-    from parity.formats import FormatError, cast, check_destination, read_checkpoint, write_checkpoint
+    from parity.formats import (FormatError, cast, check_destination, read_checkpoint, return_large_frees_to_os,
+                                write_checkpoint)
 
+    return_large_frees_to_os()
     start = time.perf_counter()
     try:
         check_destination(args.dst, args.to, args.force, src=args.src)

@@ -59,6 +59,18 @@ COMPANIONS = ("tokenizer.json",)  # copied from a SRC directory into a DST direc
 _SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
 
+def return_large_frees_to_os() -> None:
+    """glibc only, process-wide (the CLI calls it): blocks of 1 MiB and more get their own mappings,
+    so an array freed after conversion (often allocated in a tensorstore thread's arena) goes back to
+    the OS instead of staying in the heap; the default threshold grows to 32 MiB as arrays are freed."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 class FormatError(ValueError):
     """A checkpoint that cannot be read, converted or written; the message is one line naming the file."""
 
@@ -347,6 +359,16 @@ def _merge(into: dict[str, Any], tree: Mapping[str, Any]) -> None:
 ORBAX_GROUP_BYTES = 64 << 20
 
 
+def _column_major_kernels(tree: Any) -> Any:
+    """Dense kernels (in, out) re-laid column-major (the same values, a transposed copy made while the
+    restored group is fresh) so that the canonical (out, in) transpose later is a free view; copying
+    them all at the end would leave the freed originals as holes in the heap."""
+    if isinstance(tree, Mapping):
+        return {k: (contiguous(v.T).T if k == "kernel" and np.ndim(v) == 2 else _column_major_kernels(v))
+                for k, v in tree.items()}
+    return tree
+
+
 def _read_orbax(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The params of an orbax checkpoint as numpy arrays, restored in groups of about 64 MiB (a whole
     restore holds tensorstore's buffers for every array at once); a train state's other entries
@@ -374,8 +396,9 @@ def _read_orbax(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
                 if size >= ORBAX_GROUP_BYTES or i == len(leaves) - 1:
                     item = _nest(group)
                     args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-                    _merge(restored, checkpointer.restore(path.resolve(), args=ocp.args.PyTreeRestore(
-                        item=item, restore_args=args, partial_restore=True)))
+                    part = checkpointer.restore(path.resolve(), args=ocp.args.PyTreeRestore(
+                        item=item, restore_args=args, partial_restore=True))
+                    _merge(restored, _column_major_kernels(part))
                     group, size = [], 0
     except Exception as e:  # noqa: BLE001
         raise _fail(path, f"not a readable orbax checkpoint ({_short(e)})") from None
