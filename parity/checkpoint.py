@@ -73,20 +73,18 @@ def load_config(run_dir: str | os.PathLike) -> TransformerConfig:
 
 
 def load_checkpoint(run_dir: str | os.PathLike) -> tuple[TransformerConfig, dict[str, np.ndarray]]:
-    """(config, canonical {name: numpy array}) from `run_dir`; every key and shape checked."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    """(config, canonical {name: numpy array}) from `run_dir`; every key and shape checked.
+
+    The arrays are copy-on-write views of the memory-mapped weights file (`parity.formats`); NaN and
+    Inf are let through (a diverged run can still be inspected and resumed).
+    """
+    from parity.formats import FormatError, read_checkpoint
 
     cfg = load_config(run_dir)
     path = Path(run_dir) / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        weights = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    try:
-        check_canonical(weights, cfg)
-    except ConversionError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    return cfg, weights
+        return cfg, read_checkpoint(path, config=Path(run_dir) / CONFIG_FILE, allow_nonfinite=True).weights
+    except (FormatError, ConversionError) as e:
+        raise CheckpointError(str(e)) from None

@@ -213,7 +213,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
         except (TypeError, ValueError):
             raise _fail(path, "the config in the safetensors metadata is not valid JSON") from None
     try:
-        data = np.memmap(path, dtype=np.uint8, mode="r")
+        data = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable arrays, the file never changes
     except OSError as e:
         raise _fail(path, f"cannot read ({e.strerror or e})") from None
     arrays = {}

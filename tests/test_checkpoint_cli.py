@@ -36,9 +36,9 @@ def test_save_and_load_round_trip(run_dir):
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "not a readable safetensors file"),
-    (lambda p: p.write_bytes(b"\x80\x04garbage that is a pickle header"), "not a readable safetensors file"),
-    (lambda p: p.write_bytes(struct.pack("<Q", 2**62) + b"{}"), "not a readable safetensors file"),
+    (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "model.safetensors: truncated: tensor "),
+    (lambda p: p.write_bytes(b"\x80\x04garbage that is a pickle header"), "header length .* is longer than the file"),
+    (lambda p: p.write_bytes(struct.pack("<Q", 2**62) + b"{}"), "header length .* is longer than the file"),
     (lambda p: p.unlink(), "no such file"),
 ])
 def test_damaged_weight_files_give_clear_errors(run_dir, damage, message):

@@ -192,7 +192,7 @@ def test_bad_run_dir(case, run_dir, tmp_path, capsys, monkeypatch):
         path, words = tmp_path / "plain", ["plain", "no such directory"]
         path.write_text("x")
     elif case == "bad weights":
-        path, words = _copy_run(run_dir, tmp_path / "run"), ["model.safetensors", "not a readable safetensors"]
+        path, words = _copy_run(run_dir, tmp_path / "run"), ["model.safetensors", "not safetensors"]
         (path / "model.safetensors").write_bytes(b"not safetensors")
     else:
         missing = "tokenizer.json" if case == "no tokenizer" else "config.json"
