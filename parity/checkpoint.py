@@ -6,7 +6,6 @@ the old file or the new one, never half of one.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -60,16 +59,23 @@ def save_checkpoint(run_dir: str | os.PathLike, cfg: TransformerConfig, weights:
     return run_dir
 
 
-def load_config(run_dir: str | os.PathLike) -> TransformerConfig:
-    path = Path(run_dir) / CONFIG_FILE
+def read_config(path: str | os.PathLike) -> TransformerConfig:
+    """A config.json file -> TransformerConfig; CheckpointError naming the file."""
+    path = Path(path)
     try:
         text = path.read_text()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file (cannot read config)") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read config ({e.strerror or e})") from None
     try:
-        return TransformerConfig.from_dict(json.loads(text))
+        return TransformerConfig.from_json(text)
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
+        raise CheckpointError(f"{path}: not a valid config: {e}") from None
+
+
+def load_config(run_dir: str | os.PathLike) -> TransformerConfig:
+    return read_config(Path(run_dir) / CONFIG_FILE)
 
 
 def load_checkpoint(run_dir: str | os.PathLike) -> tuple[TransformerConfig, dict[str, np.ndarray]]:
@@ -85,6 +91,6 @@ def load_checkpoint(run_dir: str | os.PathLike) -> tuple[TransformerConfig, dict
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        return cfg, read_checkpoint(path, config=Path(run_dir) / CONFIG_FILE, allow_nonfinite=True).weights
+        return cfg, read_checkpoint(path, config=cfg, allow_nonfinite=True).weights
     except (FormatError, ConversionError) as e:
         raise CheckpointError(str(e)) from None

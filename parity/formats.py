@@ -40,7 +40,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from parity.checkpoint import CONFIG_FILE, atomic_write_bytes, _umask
+from parity.checkpoint import CONFIG_FILE, CheckpointError, _umask, atomic_write_bytes, read_config
 from parity.config import TransformerConfig
 from parity.convert import (OUTSIDE_STACKS, ConversionError, aliases, canonical_to_flax, check_canonical,
                             check_ties, contiguous, flax_to_canonical, from_nn_state_dict, to_nn_state_dict,
@@ -433,13 +433,10 @@ def _flax_params(tree: Any, path: Path) -> dict[str, Any]:
 def load_config_file(path: str | os.PathLike) -> TransformerConfig:
     """A config.json (or a directory holding one) -> TransformerConfig; FormatError naming the file."""
     path = Path(path)
-    if path.is_dir():
-        path = path / CONFIG_FILE
-    head, _ = _read_head(path, 0)
     try:
-        return TransformerConfig.from_json(path.read_text())
-    except (ValueError, TypeError, UnicodeDecodeError) as e:
-        raise _fail(path, f"not a valid config: {_short(e).split(': ', 1)[-1]}") from None
+        return read_config(path / CONFIG_FILE if path.is_dir() else path)
+    except CheckpointError as e:
+        raise FormatError(str(e)) from None
 
 
 def _check_dtypes(items: Iterator[tuple[str, Any]], path: Path, allow_nonfinite: bool) -> None:
@@ -468,19 +465,19 @@ def _check_vocab(flat_shapes: Mapping[str, tuple[int, ...]], cfg: TransformerCon
                         f"{tuple(shape)} ({shape[axis]} entries)")
 
 
-def read_checkpoint(src: str | os.PathLike, config: str | os.PathLike | None = None,
+def read_checkpoint(src: str | os.PathLike, config: str | os.PathLike | TransformerConfig | None = None,
                     allow_nonfinite: bool = False) -> Loaded:
     """Read any supported checkpoint into canonical weights, checked against its config.
 
-    The config comes from `config` (a config.json or a directory holding one), else the file's own
-    metadata (safetensors, orbax), else a config.json in SRC's directory.
+    The config comes from `config` (a TransformerConfig, a config.json or a directory holding one),
+    else the file's own metadata (safetensors, orbax), else a config.json in SRC's directory.
     """
     src = Path(src)
     container, path = detect(src)
-    given = load_config_file(config) if config is not None else None
+    given = config if isinstance(config, TransformerConfig) or config is None else load_config_file(config)
     raw, embedded = READERS[container](path)
     if given is not None:
-        cfg, config_source = given, str(config)
+        cfg, config_source = given, "the caller" if config is given else str(config)
     else:
         beside = (path if path.is_dir() else path.parent) / CONFIG_FILE
         if embedded is not None:

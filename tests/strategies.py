@@ -6,7 +6,8 @@ import numpy as np
 from hypothesis import strategies as st
 
 from parity.config import TransformerConfig
-from parity.suite import SPACE, Inputs, build_config, make_inputs
+from parity.names import aliases, canonical_shapes
+from parity.suite import SPACE, Inputs, build_config, make_inputs, np_dtype
 
 
 @st.composite
@@ -25,3 +26,13 @@ def inputs(draw: st.DrawFn, cfg: TransformerConfig, allow_empty_source: bool = T
     tgt_lengths = draw(st.lists(st.integers(1, tgt_len), min_size=batch, max_size=batch))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     return make_inputs(cfg, src_lengths, tgt_lengths, src_len, tgt_len, rng)
+
+
+def random_weights(cfg: TransformerConfig, dtype: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """Canonical weights drawn in float64 and cast (so every dtype has values that use all its bits);
+    tied names share one array."""
+    rng = np.random.default_rng(seed)
+    out = {k: rng.standard_normal(s).astype(np_dtype(dtype)) for k, s in canonical_shapes(cfg).items()}
+    for alias, owner in aliases(cfg).items():
+        out[alias] = out[owner]
+    return out

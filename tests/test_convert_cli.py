@@ -21,8 +21,8 @@ from parity import formats
 from parity.cli import main
 from parity.config import TransformerConfig
 from parity.convert import build_nn_transformer
-from parity.names import aliases, canonical_shapes
 from parity.suite import np_dtype
+from strategies import random_weights
 
 CFG = TransformerConfig(src_vocab_size=11, tgt_vocab_size=13, d_model=8, num_heads=2, num_encoder_layers=1,
                         num_decoder_layers=2, d_ff=16, max_len=16, dropout=0.0, tie_output=True)
@@ -31,15 +31,6 @@ DTYPES = ("float32", "float64", "bfloat16", "float16")
 FORMATS = {"safetensors": ("safetensors", "model.safetensors"), "torch": ("torch", "model.pt"),
            "orbax": ("flax", "orbax"), "msgpack": ("flax", "model.msgpack"),
            "nn-transformer": ("nn-transformer", "nn.pt")}
-
-
-def random_weights(cfg: TransformerConfig, dtype: str, seed: int = 0) -> dict[str, np.ndarray]:
-    """Canonical weights drawn in float64 and cast (so every dtype has values that use all its bits)."""
-    rng = np.random.default_rng(seed)
-    out = {k: rng.standard_normal(s).astype(np_dtype(dtype)) for k, s in canonical_shapes(cfg).items()}
-    for alias, owner in aliases(cfg).items():
-        out[alias] = out[owner]
-    return out
 
 
 def bits(a: np.ndarray) -> np.ndarray:

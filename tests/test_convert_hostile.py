@@ -20,16 +20,15 @@ from safetensors.numpy import save_file
 from parity import formats
 from parity.cli import main
 from parity.config import TransformerConfig
-from parity.names import canonical_shapes
+from strategies import random_weights
 
 CFG = TransformerConfig(src_vocab_size=11, tgt_vocab_size=13, d_model=8, num_heads=2, num_encoder_layers=1,
                         num_decoder_layers=1, d_ff=16, max_len=16, dropout=0.0)
 KEY = "encoder.layers.0.ff.linear1.weight"
 
 
-def weights(dtype=np.float32) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return {k: rng.standard_normal(s).astype(dtype) for k, s in canonical_shapes(CFG).items()}
+def weights() -> dict[str, np.ndarray]:
+    return random_weights(CFG, "float32")
 
 
 def save_safetensors(path: Path, arrays: dict[str, np.ndarray], cfg: TransformerConfig = CFG) -> Path:
