@@ -48,7 +48,8 @@ class TokenEmbedding(nn.Module):
 
 
 class PositionalEncoding(nn.Module):
-    """x (B, L, D) -> dropout(x + PE[offset:offset + L]). offset + L > max_len raises ValueError.
+    """x (B, L, D) -> dropout(x + PE[offset:offset + L]), or dropout(x + PE[positions]) with positions (B, L).
+    offset + L > max_len, or a concrete position outside [0, max_len), raises ValueError.
 
     The table is the float64 one of parity.numerics, cast to x's dtype (the torch twin does the same).
     A traced `offset` (cached decoding under jit) cannot raise; callers keep it in range.
@@ -61,9 +62,15 @@ class PositionalEncoding(nn.Module):
     def setup(self):
         self.drop = nn.Dropout(self.dropout)
 
-    def __call__(self, x: jnp.ndarray, offset: int | jnp.ndarray = 0, deterministic: bool = True) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, offset: int | jnp.ndarray = 0, deterministic: bool = True,
+                 positions: jnp.ndarray | None = None) -> jnp.ndarray:
+        """`positions` (B, L) int (packed sequences, per-row offsets) replaces offset..offset + L."""
         length = x.shape[1]
-        if isinstance(offset, jax.core.Tracer):
+        if positions is not None:
+            check_positions(positions, tuple(x.shape[:2]), self.max_len)
+            table = jnp.asarray(_table(self.max_len, self.d_model), x.dtype)  # [max_len, D]
+            table = jnp.take(table, positions, axis=0, mode="fill", fill_value=jnp.nan)  # [B, L, D]
+        elif isinstance(offset, jax.core.Tracer):
             table = jax.lax.dynamic_slice_in_dim(jnp.asarray(_table(self.max_len, self.d_model), x.dtype),
                                                  offset, length)  # [L, D]
         else:
@@ -72,6 +79,19 @@ class PositionalEncoding(nn.Module):
                 raise ValueError(f"sequence length {offset + length} exceeds max_len {self.max_len}")
             table = jnp.asarray(_table(self.max_len, self.d_model)[offset:offset + length], dtype=x.dtype)  # [L, D]
         return self.drop(x + table, deterministic=deterministic)  # [B, L, D]
+
+
+def check_positions(positions: jnp.ndarray, expected: tuple[int, ...], max_len: int) -> None:
+    """Raise unless `positions` is an integer array of shape `expected` (B, L) with (concrete) values in
+    [0, max_len). Traced positions cannot raise: out-of-range ones give NaN rows."""
+    if tuple(positions.shape) != expected:
+        raise ValueError(f"positions must have shape (B, L) = {expected}, got {tuple(positions.shape)}")
+    if not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise TypeError(f"positions must be an integer array, got {positions.dtype}")
+    if not isinstance(positions, jax.core.Tracer) and positions.size:
+        lo, hi = int(np.min(positions)), int(np.max(positions))
+        if lo < 0 or hi >= max_len:
+            raise ValueError(f"positions must be in [0, max_len={max_len}), got values in [{lo}, {hi}]")
 
 
 _TABLES: dict[tuple[int, int], np.ndarray] = {}

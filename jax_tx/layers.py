@@ -49,7 +49,10 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """x (B, T, D), memory (B, S, D), self_mask (B, 1, T, T), cross_mask (B, 1, 1, S) -> (B, T, D).
+    """x (B, T, D), memory (B, S, D), self_mask (B, 1, T, T), cross_mask (B, 1, T|1, S) -> (B, T, D).
+
+    Without `cross_attention` (DecoderOnly) the layer is causal self-attention and feed-forward only;
+    memory and cross_mask are then ignored (pass None).
 
     With `cache` (this layer's entry of `Transformer.init_cache`): x holds the T new positions from
     `index` on, self_mask is (B, 1, T, L) over the cache's L slots, memory is unused (its keys and
@@ -58,24 +61,31 @@ class DecoderLayer(nn.Module):
     """
 
     cfg: TransformerConfig
+    cross_attention: bool = True
 
     def setup(self):
         cfg = self.cfg
         self.norm_first = cfg.norm_first
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.num_heads, cfg.dropout)
         self.self_attn_norm = layer_norm(cfg)
-        self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.num_heads, cfg.dropout)
-        self.cross_attn_norm = layer_norm(cfg)
+        if self.cross_attention:
+            self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.num_heads, cfg.dropout)
+            self.cross_attn_norm = layer_norm(cfg)
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, cfg.activation)
         self.ff_norm = layer_norm(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def init_cache(self, memory: jnp.ndarray, length: int) -> dict[str, jnp.ndarray]:
-        """Cross-attention keys/values of memory (B, S, D), once; empty self-attention slots for `length` positions."""
-        cross_k, cross_v = self.cross_attn.project_kv(memory)  # [B, H, S, K]
-        b, h, _, k = cross_k.shape
+        """Cross-attention keys/values of memory (B, S, D), once; empty self-attention slots for `length` positions.
+
+        Without cross-attention only memory's batch size and dtype are read (pass (B, 0, D)).
+        """
+        b, h, k = memory.shape[0], self.cfg.num_heads, self.cfg.head_dim
         empty = jnp.zeros((b, h, length, k), memory.dtype)  # [B, H, L, K]
-        return {"self_k": empty, "self_v": empty, "cross_k": cross_k, "cross_v": cross_v}
+        cache = {"self_k": empty, "self_v": empty}
+        if self.cross_attention:
+            cache["cross_k"], cache["cross_v"] = self.cross_attn.project_kv(memory)  # [B, H, S, K]
+        return cache
 
     def __call__(self, x: jnp.ndarray, memory: jnp.ndarray | None, self_mask: jnp.ndarray | None,
                  cross_mask: jnp.ndarray | None, cache: dict[str, jnp.ndarray] | None = None,
@@ -99,6 +109,7 @@ class DecoderLayer(nn.Module):
             return self.cross_attn.attend(h, k, v, cross_mask, det)  # [B, T, D]
 
         x = residual(x, self.self_attn_norm, self_attention, self.drop, self.norm_first, det)  # [B, T, D]
-        x = residual(x, self.cross_attn_norm, cross_attention, self.drop, self.norm_first, det)  # [B, T, D]
+        if self.cross_attention:
+            x = residual(x, self.cross_attn_norm, cross_attention, self.drop, self.norm_first, det)  # [B, T, D]
         x = residual(x, self.ff_norm, lambda h: self.ff(h, det), self.drop, self.norm_first, det)  # [B, T, D]
         return x if cache is None else (x, new_cache)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def padding_mask(ids: jnp.ndarray, pad_id: int, mask: jnp.ndarray | None = None,
@@ -41,3 +43,47 @@ def causal_mask(length: int, offset: int | jnp.ndarray = 0, keys: int | None = N
 def decoder_self_mask(tgt_pad: jnp.ndarray) -> jnp.ndarray:
     """(B, T) target padding mask -> (B, 1, T, T) causal self-attention mask."""
     return key_mask(tgt_pad) & causal_mask(tgt_pad.shape[1])  # [B, 1, T, T]
+
+
+def self_attention_masks(ids: jnp.ndarray, pad_id: int, mask: jnp.ndarray | None, segments: jnp.ndarray | None,
+                         positions: jnp.ndarray | None, causal: bool, name: str):
+    """What a stack's self-attention needs for ids (B, L), built once: (padding mask (B, L), attention mask
+    (B, 1, L|1, L), segments (B, L) or None, positions (B, L) or None).
+
+    With `segments` (packed rows, 0 = padding) attention stays inside each segment and, unless given,
+    positions restart at each segment. `name` ("src"/"tgt") names the arguments in errors.
+    """
+    pad = padding_mask(ids, pad_id, mask, f"{name}_mask")  # [B, L]
+    attn = key_mask(pad)  # [B, 1, 1, L]
+    if segments is not None:
+        segments = check_segments(segments, tuple(ids.shape), f"{name}_segments")  # [B, L]
+        attn = attn & segment_mask(segments, segments)  # [B, 1, L, L]
+        positions = segment_positions(segments) if positions is None else positions  # [B, L]
+    if causal:
+        attn = attn & causal_mask(ids.shape[1])  # [B, 1, L, L]
+    return pad, attn, segments, positions
+
+
+def check_segments(segments: jnp.ndarray, expected: tuple[int, ...], name: str) -> jnp.ndarray:
+    """Raise unless `segments` is an integer array of shape `expected` (B, L) with ids >= 0 (0 = padding)."""
+    if tuple(segments.shape) != expected:
+        raise ValueError(f"{name} must have shape (B, L) = {expected}, got {tuple(segments.shape)}")
+    if not jnp.issubdtype(segments.dtype, jnp.integer):
+        raise TypeError(f"{name} must be an integer array (0 = padding), got {segments.dtype}")
+    if not isinstance(segments, jax.core.Tracer) and segments.size and int(np.min(segments)) < 0:
+        raise ValueError(f"{name} must be >= 0 (0 = padding), got {int(np.min(segments))}")
+    return jnp.asarray(segments)
+
+
+def segment_mask(query_segments: jnp.ndarray, key_segments: jnp.ndarray) -> jnp.ndarray:
+    """(B, T), (B, S) segment ids (0 = padding) -> (B, 1, T, S): a query attends only to keys of its own segment."""
+    same = query_segments[:, :, None] == key_segments[:, None, :]  # [B, T, S]
+    return (same & (key_segments != 0)[:, None, :])[:, None]  # [B, 1, T, S]
+
+
+def segment_positions(segments: jnp.ndarray) -> jnp.ndarray:
+    """(B, L) segment ids, each segment contiguous -> (B, L) positions counted from 0 at each segment's start."""
+    index = jnp.broadcast_to(jnp.arange(segments.shape[1]), segments.shape)  # [B, L]
+    starts = jnp.concatenate([jnp.ones_like(segments[:, :1], dtype=jnp.bool_),
+                              segments[:, 1:] != segments[:, :-1]], axis=1)  # [B, L]
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)  # [B, L]

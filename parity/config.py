@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 ACTIVATIONS = ("relu", "gelu")
+ARCHS = ("seq2seq", "encoder", "decoder")
 
 
 class DictFields:
@@ -42,6 +43,9 @@ class TransformerConfig(DictFields):
     `tie_output`: the output layer `generator` reuses `tgt_embed.weight`.
     `share_embeddings`: `src_embed` is `tgt_embed` (needs equal vocab sizes).
     `output_bias`: the output layer has a bias `generator.bias`.
+    `arch`: which family the weights belong to: "seq2seq" (`Transformer`), "encoder" (`EncoderOnly`:
+    src_vocab_size, num_encoder_layers) or "decoder" (`DecoderOnly`: tgt_vocab_size, num_decoder_layers).
+    `num_classes`: the size of EncoderOnly's classification head (None: no head).
     """
 
     src_vocab_size: int
@@ -61,6 +65,8 @@ class TransformerConfig(DictFields):
     tie_output: bool = False
     share_embeddings: bool = False
     output_bias: bool = True
+    arch: str = "seq2seq"
+    num_classes: int | None = None
 
     def __post_init__(self) -> None:
         ints = ("src_vocab_size", "tgt_vocab_size", "d_model", "num_heads", "num_encoder_layers",
@@ -91,9 +97,38 @@ class TransformerConfig(DictFields):
         for name in ("norm_first", "final_norm", "tie_output", "share_embeddings", "output_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.num_classes is not None:
+            if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
+                raise ValueError(f"num_classes must be a positive int or None, got {self.num_classes!r}")
+            if self.arch != "encoder":
+                raise ValueError(f"num_classes is the encoder's classification head; arch is {self.arch!r}")
+        if self.arch != "seq2seq" and self.share_embeddings:
+            raise ValueError(f"share_embeddings needs both embeddings (arch 'seq2seq'); arch is {self.arch!r}")
+        if self.arch == "encoder" and self.tie_output:
+            raise ValueError("tie_output ties the output layer to tgt_embed; arch 'encoder' has neither")
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
             raise ValueError("share_embeddings needs src_vocab_size == tgt_vocab_size, got "
                              f"{self.src_vocab_size} and {self.tgt_vocab_size}")
+
+    def for_arch(self, arch: str, num_classes: int | None = None) -> "TransformerConfig":
+        """This config for `arch`, as EncoderOnly / DecoderOnly / Transformer store it; share_embeddings
+        (seq2seq only) and tie_output (not for the encoder) are dropped where the arch has no such weights.
+
+        `num_classes` (EncoderOnly's argument) must agree with a num_classes already in the config.
+        """
+        if num_classes is not None and self.num_classes is not None and num_classes != self.num_classes:
+            raise ValueError(f"num_classes={num_classes} disagrees with the config's num_classes={self.num_classes}")
+        num_classes = self.num_classes if num_classes is None else num_classes
+        if arch != "encoder" and num_classes is not None:
+            raise ValueError(f"num_classes is the encoder's classification head; arch is {arch!r}")
+        changes = dict(arch=arch, num_classes=num_classes,
+                       share_embeddings=self.share_embeddings and arch == "seq2seq",
+                       tie_output=self.tie_output and arch != "encoder")
+        if all(getattr(self, k) == v for k, v in changes.items()):
+            return self
+        return self.replace(**changes)
 
     @property
     def head_dim(self) -> int:

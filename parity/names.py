@@ -40,21 +40,28 @@ def _layer(prefix: str, d: int, f: int, cross: bool) -> dict[str, Shape]:
 
 
 def canonical_shapes(cfg: TransformerConfig) -> dict[str, Shape]:
-    """Every state_dict key of `torch_tx.Transformer(cfg)` with its shape, in registration order.
+    """Every state_dict key of the torch twin's model for `cfg.arch` with its shape, in registration order:
+    `Transformer` (seq2seq), `EncoderOnly` (encoder) or `DecoderOnly` (decoder).
 
     Tied and shared weights appear under each of their names (as in `state_dict()`).
     """
     d = cfg.d_model
-    shapes: dict[str, Shape] = {
-        "src_embed.weight": (cfg.src_vocab_size, d),
-        "tgt_embed.weight": (cfg.tgt_vocab_size, d),
-    }
-    for stack, num_layers in (("encoder", cfg.num_encoder_layers), ("decoder", cfg.num_decoder_layers)):
+    shapes: dict[str, Shape] = {}
+    if cfg.arch != "decoder":
+        shapes["src_embed.weight"] = (cfg.src_vocab_size, d)
+    if cfg.arch != "encoder":
+        shapes["tgt_embed.weight"] = (cfg.tgt_vocab_size, d)
+    stacks = {"seq2seq": ("encoder", "decoder"), "encoder": ("encoder",), "decoder": ("decoder",)}[cfg.arch]
+    for stack in stacks:
+        num_layers = cfg.num_encoder_layers if stack == "encoder" else cfg.num_decoder_layers
         for i in range(num_layers):
-            shapes.update(_layer(f"{stack}.layers.{i}", d, cfg.d_ff, cross=stack == "decoder"))
+            shapes.update(_layer(f"{stack}.layers.{i}", d, cfg.d_ff, cross=stack == "decoder" and cfg.arch == "seq2seq"))
         if cfg.final_norm:
             shapes.update(_norm(f"{stack}.norm", d))
-    shapes.update(_linear("generator", d, cfg.tgt_vocab_size, bias=cfg.output_bias))
+    if cfg.arch != "encoder":
+        shapes.update(_linear("generator", d, cfg.tgt_vocab_size, bias=cfg.output_bias))
+    elif cfg.num_classes is not None:
+        shapes.update({**_linear("pooler", d, d), **_linear("classifier", d, cfg.num_classes)})
     return shapes
 
 

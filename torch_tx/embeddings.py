@@ -31,7 +31,8 @@ class TokenEmbedding(nn.Module):
 
 
 class PositionalEncoding(nn.Module):
-    """x (B, L, D) -> dropout(x + PE[offset:offset + L]). offset + L > max_len raises ValueError.
+    """x (B, L, D) -> dropout(x + PE[offset:offset + L]), or dropout(x + PE[positions]) with positions (B, L).
+    offset + L > max_len, or a position outside [0, max_len), raises ValueError.
 
     The table is the float64 one of parity.numerics, cast per (device, dtype) and cached, so that
     float64 runs use it at full precision whatever dtype the module was cast through before.
@@ -50,8 +51,24 @@ class PositionalEncoding(nn.Module):
             self._cache[key] = torch.from_numpy(self._table64).to(device=device, dtype=dtype)
         return self._cache[key]  # [max_len, D]
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, offset: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """`positions` (B, L) int (packed sequences, per-row offsets) replaces offset..offset + L."""
         length = x.shape[1]
+        table = self.table(x.device, x.dtype)  # [max_len, D]
+        if positions is not None:
+            check_positions(positions, tuple(x.shape[:2]), self.max_len)
+            return self.drop(x + table[positions.to(x.device)])  # [B, L, D]
         if offset + length > self.max_len:
             raise ValueError(f"sequence length {offset + length} exceeds max_len {self.max_len}")
-        return self.drop(x + self.table(x.device, x.dtype)[offset:offset + length])  # [B, L, D]
+        return self.drop(x + table[offset:offset + length])  # [B, L, D]
+
+
+def check_positions(positions: torch.Tensor, expected: tuple[int, ...], max_len: int) -> None:
+    """Raise unless `positions` is an integer tensor of shape `expected` (B, L) with values in [0, max_len)."""
+    if tuple(positions.shape) != expected:
+        raise ValueError(f"positions must have shape (B, L) = {expected}, got {tuple(positions.shape)}")
+    if positions.dtype.is_floating_point or positions.dtype == torch.bool:
+        raise TypeError(f"positions must be an integer tensor, got {positions.dtype}")
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= max_len):
+        raise ValueError(f"positions must be in [0, max_len={max_len}), "
+                         f"got values in [{int(positions.min())}, {int(positions.max())}]")

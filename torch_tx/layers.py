@@ -39,30 +39,40 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """x (B, T, D), memory (B, S, D), self_mask (B, 1, T, T), cross_mask (B, 1, 1, S) -> (B, T, D).
+    """x (B, T, D), memory (B, S, D), self_mask (B, 1, T, T), cross_mask (B, 1, T|1, S) -> (B, T, D).
+
+    Without `cross_attention` (DecoderOnly) the layer is causal self-attention and feed-forward only;
+    memory and cross_mask are then ignored (pass None).
 
     With `cache` (this layer's entry of `Transformer.init_cache`): x holds the T new positions from
     `index` on, self_mask is (B, 1, T, index + T), memory is unused (its keys and values are cached),
     and the result is (x, cache) with the new keys and values written in place at index..index+T-1.
     """
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, cross_attention: bool = True):
         super().__init__()
         self.norm_first = cfg.norm_first
+        self.cross_attention = cross_attention
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.num_heads, cfg.dropout)
         self.self_attn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.num_heads, cfg.dropout)
-        self.cross_attn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        if cross_attention:
+            self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.num_heads, cfg.dropout)
+            self.cross_attn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, cfg.activation)
         self.ff_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
 
     def init_cache(self, memory: torch.Tensor, length: int) -> dict[str, torch.Tensor]:
-        """Cross-attention keys/values of memory (B, S, D), once; empty self-attention slots for `length` positions."""
-        cross_k, cross_v = self.cross_attn.project_kv(memory)  # [B, H, S, K]
-        b, h, _, k = cross_k.shape
+        """Cross-attention keys/values of memory (B, S, D), once; empty self-attention slots for `length` positions.
+
+        Without cross-attention only memory's batch size, dtype and device are read (pass (B, 0, D)).
+        """
+        b, h, k = memory.shape[0], self.self_attn.num_heads, self.self_attn.head_dim
         empty = memory.new_zeros(b, h, length, k)  # [B, H, L, K]
-        return {"self_k": empty, "self_v": empty.clone(), "cross_k": cross_k, "cross_v": cross_v}
+        cache = {"self_k": empty, "self_v": empty.clone()}
+        if self.cross_attention:
+            cache["cross_k"], cache["cross_v"] = self.cross_attn.project_kv(memory)  # [B, H, S, K]
+        return cache
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None, self_mask: torch.Tensor | None,
                 cross_mask: torch.Tensor | None, cache: dict[str, torch.Tensor] | None = None,
@@ -81,6 +91,7 @@ class DecoderLayer(nn.Module):
             return self.cross_attn.attend(h, k, v, cross_mask)  # [B, T, D]
 
         x = residual(x, self.self_attn_norm, self_attention, self.drop, self.norm_first)  # [B, T, D]
-        x = residual(x, self.cross_attn_norm, cross_attention, self.drop, self.norm_first)  # [B, T, D]
+        if self.cross_attention:
+            x = residual(x, self.cross_attn_norm, cross_attention, self.drop, self.norm_first)  # [B, T, D]
         x = residual(x, self.ff_norm, self.ff, self.drop, self.norm_first)  # [B, T, D]
         return x if cache is None else (x, cache)

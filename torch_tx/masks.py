@@ -41,3 +41,48 @@ def causal_mask(length: int, device: torch.device | str | None = None, offset: i
 def decoder_self_mask(tgt_pad: torch.Tensor) -> torch.Tensor:
     """(B, T) target padding mask -> (B, 1, T, T) causal self-attention mask."""
     return key_mask(tgt_pad) & causal_mask(tgt_pad.shape[1], tgt_pad.device)  # [B, 1, T, T]
+
+
+def self_attention_masks(ids: torch.Tensor, pad_id: int, mask: torch.Tensor | None, segments: torch.Tensor | None,
+                         positions: torch.Tensor | None, causal: bool, name: str):
+    """What a stack's self-attention needs for ids (B, L), built once: (padding mask (B, L), attention mask
+    (B, 1, L|1, L), segments (B, L) or None, positions (B, L) or None).
+
+    With `segments` (packed rows, 0 = padding) attention stays inside each segment and, unless given,
+    positions restart at each segment. `name` ("src"/"tgt") names the arguments in errors.
+    """
+    pad = padding_mask(ids, pad_id, mask, f"{name}_mask")  # [B, L]
+    attn = key_mask(pad)  # [B, 1, 1, L]
+    if segments is not None:
+        segments = check_segments(segments, tuple(ids.shape), f"{name}_segments").to(ids.device)  # [B, L]
+        attn = attn & segment_mask(segments, segments)  # [B, 1, L, L]
+        positions = segment_positions(segments) if positions is None else positions  # [B, L]
+    if causal:
+        attn = attn & causal_mask(ids.shape[1], ids.device)  # [B, 1, L, L]
+    return pad, attn, segments, positions
+
+
+def check_segments(segments: torch.Tensor, expected: tuple[int, ...], name: str) -> torch.Tensor:
+    """Raise unless `segments` is an integer tensor of shape `expected` (B, L) with ids >= 0 (0 = padding)."""
+    if tuple(segments.shape) != expected:
+        raise ValueError(f"{name} must have shape (B, L) = {expected}, got {tuple(segments.shape)}")
+    if segments.dtype.is_floating_point or segments.dtype in (torch.bool, torch.complex64, torch.complex128):
+        raise TypeError(f"{name} must be an integer tensor (0 = padding), got {segments.dtype}")
+    if segments.numel() and int(segments.min()) < 0:
+        raise ValueError(f"{name} must be >= 0 (0 = padding), got {int(segments.min())}")
+    return segments
+
+
+def segment_mask(query_segments: torch.Tensor, key_segments: torch.Tensor) -> torch.Tensor:
+    """(B, T), (B, S) segment ids (0 = padding) -> (B, 1, T, S): a query attends only to keys of its own segment."""
+    same = query_segments[:, :, None] == key_segments[:, None, :]  # [B, T, S]
+    return (same & (key_segments != 0)[:, None, :])[:, None]  # [B, 1, T, S]
+
+
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """(B, L) segment ids, each segment contiguous -> (B, L) positions counted from 0 at each segment's start."""
+    length = segments.shape[1]
+    index = torch.arange(length, device=segments.device).expand_as(segments)  # [B, L]
+    starts = torch.ones_like(segments, dtype=torch.bool)  # [B, L]
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return index - torch.cummax(torch.where(starts, index, 0), dim=1).values  # [B, L]
