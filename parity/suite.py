@@ -1,9 +1,11 @@
 """The cross-framework parity checks, shared by the test suite and `twin parity`.
 
 One comparison takes canonical weights that came out of one twin (through the converter), loads
-them into both twins, runs the same inputs, and compares encoder memory, logits and the gradient of
-`sum(logits * W)` w.r.t. every parameter (Flax gradients mapped back through the converter;
-float32 and float64 only). Errors are relative to the norm of the source twin's result. Dropout is off.
+them into both twins, runs the same inputs, and compares the outputs of the config's arch (seq2seq:
+encoder memory and logits; encoder: hidden states and class logits; decoder: logits) and the
+gradient of `sum(output * W)` w.r.t. every parameter (Flax gradients mapped back through the
+converter; float32 and float64 only). Inputs may be packed (segment ids). Errors are relative to the
+norm of the source twin's result. Dropout is off.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from parity.convert import canonical_to_flax, check_canonical, flax_to_canonical
 
 TOLERANCES = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 2e-2}
 TWINS = ("torch", "jax")
+ARCHS = ("seq2seq", "encoder", "decoder")
+OUTPUTS = {"seq2seq": ("memory", "logits"), "encoder": ("hidden", "class_logits"), "decoder": ("logits",)}
 
 # The small fixed sets that random configs and inputs draw from (few shapes: JAX compiles each once).
 SPACE: dict[str, tuple[Any, ...]] = {
@@ -34,18 +38,20 @@ SPACE: dict[str, tuple[Any, ...]] = {
     "tie_output": (False, True),
     "share_embeddings": (False, True),
     "output_bias": (True, False),
+    "num_classes": (None, 2, 5),
     "batch": (1, 2, 3),
     "src_len": (1, 4, 7),
     "tgt_len": (1, 3, 6),
 }
 
 
-def build_config(choose: Callable[[str, Sequence[Any]], Any]) -> TransformerConfig:
-    """A config (dropout off, max_len 16) whose fields come from `choose(name, options)` over SPACE."""
+def build_config(choose: Callable[[str, Sequence[Any]], Any], archs: Sequence[str] = ("seq2seq",)) -> TransformerConfig:
+    """A config (dropout off, max_len 16) whose fields come from `choose(name, options)` over SPACE; the arch
+    from `archs` (fields the arch has no weights for are dropped: `TransformerConfig.for_arch`)."""
     d_model = choose("d_model", SPACE["d_model"])
     share = choose("share_embeddings", SPACE["share_embeddings"])
     src_vocab = choose("vocab_size", SPACE["vocab_size"])
-    return TransformerConfig(
+    cfg = TransformerConfig(
         src_vocab_size=src_vocab, tgt_vocab_size=src_vocab if share else choose("vocab_size", SPACE["vocab_size"]),
         d_model=d_model, num_heads=choose("num_heads", [h for h in SPACE["num_heads"] if d_model % h == 0]),
         num_encoder_layers=choose("num_layers", SPACE["num_layers"]),
@@ -55,11 +61,15 @@ def build_config(choose: Callable[[str, Sequence[Any]], Any]) -> TransformerConf
         layer_norm_eps=choose("layer_norm_eps", SPACE["layer_norm_eps"]), max_len=16,
         final_norm=choose("final_norm", SPACE["final_norm"]), tie_output=choose("tie_output", SPACE["tie_output"]),
         share_embeddings=share, output_bias=choose("output_bias", SPACE["output_bias"]))
+    arch = choose("arch", tuple(archs)) if len(archs) > 1 else archs[0]
+    if arch == "seq2seq":
+        return cfg
+    return cfg.for_arch(arch, choose("num_classes", SPACE["num_classes"]) if arch == "encoder" else None)
 
 
-def random_config(rng: np.random.Generator) -> TransformerConfig:
-    """A config drawn uniformly from SPACE."""
-    return build_config(lambda _, options: options[int(rng.integers(len(options)))])
+def random_config(rng: np.random.Generator, archs: Sequence[str] = ARCHS) -> TransformerConfig:
+    """A config drawn uniformly from SPACE, of one of `archs`."""
+    return build_config(lambda _, options: options[int(rng.integers(len(options)))], archs)
 
 
 def np_dtype(name: str) -> np.dtype:
@@ -88,13 +98,21 @@ class Check:
 
 @dataclass(frozen=True)
 class Inputs:
-    """One batch: src (B, S), tgt (B, T) int64, masks (B, S) / (B, T) bool, loss weights (B, T, V)."""
+    """One batch: src (B, S), tgt (B, T) int64, masks (B, S) / (B, T) bool, and loss weights W for the arch's
+    outputs (same shapes; the loss is the sum of sum(output * W); seq2seq: logits only). Packed rows: segment ids
+    src_segments (B, S) / tgt_segments (B, T), 0 = padding (None: one example per row)."""
 
     src: np.ndarray
     tgt: np.ndarray
     src_mask: np.ndarray
     tgt_mask: np.ndarray
-    loss_weights: np.ndarray
+    loss_weights: Mapping[str, np.ndarray]
+    src_segments: np.ndarray | None = None
+    tgt_segments: np.ndarray | None = None
+
+    @property
+    def packed(self) -> bool:
+        return self.src_segments is not None
 
 
 def errors(got: np.ndarray, ref: np.ndarray, denom: float | None = None) -> tuple[float, float]:
@@ -108,8 +126,12 @@ def errors(got: np.ndarray, ref: np.ndarray, denom: float | None = None) -> tupl
 
 
 def make_inputs(cfg: TransformerConfig, src_lengths: Sequence[int], tgt_lengths: Sequence[int], src_len: int,
-                tgt_len: int, rng: np.random.Generator) -> Inputs:
-    """Random non-pad ids, right-padded to the given per-row lengths (0 = an empty row), and loss weights."""
+                tgt_len: int, rng: np.random.Generator, segments: Sequence[int] | None = None) -> Inputs:
+    """Random non-pad ids, right-padded to the given per-row lengths (0 = an empty row), and loss weights.
+
+    `segments` (one count per row): pack each row's tokens into that many examples, split at random
+    (each example non-empty on a side with at least that many tokens; example i is segment i + 1 on both sides).
+    """
     batch = len(src_lengths)
 
     def ids_and_mask(vocab: int, length: int, lengths: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -120,8 +142,27 @@ def make_inputs(cfg: TransformerConfig, src_lengths: Sequence[int], tgt_lengths:
 
     src, src_mask = ids_and_mask(cfg.src_vocab_size, src_len, src_lengths)
     tgt, tgt_mask = ids_and_mask(cfg.tgt_vocab_size, tgt_len, tgt_lengths)
-    weights = rng.standard_normal((batch, tgt_len, cfg.tgt_vocab_size))  # [B, T, V]
-    return Inputs(src, tgt, src_mask, tgt_mask, weights)
+    src_segments = tgt_segments = None
+    if segments is not None:
+        src_segments = split_segments(src_lengths, segments, src_len, rng)
+        tgt_segments = split_segments(tgt_lengths, segments, tgt_len, rng)
+    shapes = {"logits": (batch, tgt_len, cfg.tgt_vocab_size), "hidden": (batch, src_len, cfg.d_model)}
+    if cfg.num_classes is not None:
+        shapes["class_logits"] = (batch, src_len, cfg.num_classes) if segments is not None else (batch, cfg.num_classes)
+    weights = {name: rng.standard_normal(shapes[name]) for name in OUTPUTS[cfg.arch] if name in shapes}
+    return Inputs(src, tgt, src_mask, tgt_mask, weights, src_segments, tgt_segments)
+
+
+def split_segments(lengths: Sequence[int], counts: Sequence[int], length: int, rng: np.random.Generator) -> np.ndarray:
+    """(B, length) segment ids: row b's first lengths[b] positions cut into min(counts[b], lengths[b]) contiguous
+    non-empty segments 1, 2, ..., the rest 0 (padding)."""
+    out = np.zeros((len(lengths), length), dtype=np.int64)  # [B, L]
+    for row, (n, count) in enumerate(zip(lengths, counts)):
+        count = min(count, n)
+        if count:
+            cuts = np.sort(rng.choice(np.arange(1, n), size=count - 1, replace=False)) if count > 1 else []
+            out[row, :n] = np.searchsorted(cuts, np.arange(n), side="right") + 1
+    return out
 
 
 def random_inputs(cfg: TransformerConfig, batch: int, src_len: int, tgt_len: int,
@@ -141,14 +182,14 @@ def init_canonical(cfg: TransformerConfig, twin: str, seed: int) -> dict[str, np
         import torch_tx
 
         torch.manual_seed(seed)
-        return {k: to_numpy(v) for k, v in torch_tx.Transformer(cfg).state_dict().items()}
+        return {k: to_numpy(v) for k, v in torch_tx.model_for(cfg).state_dict().items()}
     import jax
     import jax.numpy as jnp
 
     import jax_tx
 
     dummy = jnp.ones((1, 1), dtype=jnp.int32)
-    variables = jax_tx.Transformer(cfg).init(jax.random.key(seed), dummy, dummy)
+    variables = jax_tx.model_for(cfg).init(jax.random.key(seed), *[dummy] * (2 if cfg.arch == "seq2seq" else 1))
     return flax_to_canonical(variables["params"], cfg)
 
 
@@ -161,30 +202,52 @@ def _jax_device(device: str) -> Iterator[Any]:
         yield dev
 
 
+def forward_kwargs(cfg: TransformerConfig, inputs: Inputs, to_array: Callable[[np.ndarray], Any]) -> dict[str, Any]:
+    """The inputs of cfg.arch's model call, by keyword (the same names in both twins), as arrays of `to_array`."""
+    src = {"src": inputs.src, "src_mask": inputs.src_mask, "src_segments": inputs.src_segments}
+    tgt = {"tgt": inputs.tgt, "tgt_mask": inputs.tgt_mask, "tgt_segments": inputs.tgt_segments}
+    chosen = {"seq2seq": {**src, **tgt}, "encoder": src, "decoder": tgt}[cfg.arch]
+    return {k: to_array(v) for k, v in chosen.items() if v is not None}
+
+
+def _outputs(cfg: TransformerConfig, model_outputs: Any, memory: Any) -> dict[str, Any]:
+    """The model call's result -> {output name: array} in OUTPUTS order."""
+    if cfg.arch == "seq2seq":
+        return {"memory": memory, "logits": model_outputs}
+    if cfg.arch == "decoder":
+        return {"logits": model_outputs}
+    if cfg.num_classes is None:
+        return {"hidden": model_outputs}
+    return dict(zip(("hidden", "class_logits"), model_outputs))
+
+
 def run_torch(cfg: TransformerConfig, weights: Mapping[str, np.ndarray], inputs: Inputs, dtype: str,
               device: str = "cpu") -> dict[str, Any]:
-    """Torch twin on canonical weights: memory, logits, {canonical name: grad}, all numpy."""
+    """Torch twin on canonical weights: its outputs (OUTPUTS[cfg.arch]) and {canonical name: grad}, all numpy."""
     import torch
 
     import torch_tx
     from parity.convert import to_torch
 
     tdtype = getattr(torch, dtype)
-    model = torch_tx.Transformer(cfg).to(device=device, dtype=tdtype).eval()
+    model = torch_tx.model_for(cfg).to(device=device, dtype=tdtype).eval()
     model.load_state_dict({k: to_torch(v) for k, v in weights.items()}, strict=True)
-    src, tgt = (torch.from_numpy(a).to(device) for a in (inputs.src, inputs.tgt))
-    src_mask, tgt_mask = (torch.from_numpy(a).to(device) for a in (inputs.src_mask, inputs.tgt_mask))
-    memory = model.encode(src, src_mask)  # [B, S, D]
-    logits = model(src, tgt, src_mask, tgt_mask)  # [B, T, V]
-    loss = (logits * torch.from_numpy(inputs.loss_weights).to(device=device, dtype=tdtype)).sum()  # []
+    kwargs = forward_kwargs(cfg, inputs, lambda a: torch.from_numpy(a).to(device))
+    memory = None
+    if cfg.arch == "seq2seq":
+        memory = model.encode(kwargs["src"], kwargs["src_mask"],
+                              src_segments=kwargs.get("src_segments"))  # [B, S, D]
+    outputs = _outputs(cfg, model(**kwargs), memory)
+    loss = sum((outputs[name] * torch.from_numpy(w).to(device=device, dtype=tdtype)).sum()
+               for name, w in inputs.loss_weights.items())  # []
     loss.backward()
     grads = {name: to_numpy(p.grad) for name, p in model.named_parameters(remove_duplicate=False)}
-    return {"memory": to_numpy(memory), "logits": to_numpy(logits), "grads": grads}
+    return {**{k: to_numpy(v) for k, v in outputs.items()}, "grads": grads}
 
 
 def run_jax(cfg: TransformerConfig, weights: Mapping[str, np.ndarray], inputs: Inputs, dtype: str,
             device: str = "cpu") -> dict[str, Any]:
-    """Flax twin on canonical weights (through the converter): memory, logits, canonical grads."""
+    """Flax twin on canonical weights (through the converter): its outputs and canonical grads."""
     import jax
     import jax.numpy as jnp
 
@@ -193,22 +256,23 @@ def run_jax(cfg: TransformerConfig, weights: Mapping[str, np.ndarray], inputs: I
     jdtype = jnp.dtype(dtype)
     if jdtype == jnp.float64 and not jax.config.jax_enable_x64:
         raise RuntimeError("float64 needs JAX's 64-bit mode: jax.config.update('jax_enable_x64', True)")
-    model = jax_tx.Transformer(cfg)
+    model = jax_tx.model_for(cfg)
     with _jax_device(device) as dev:
         params = jax.tree_util.tree_map(lambda a: jax.device_put(jnp.asarray(a, dtype=jdtype), dev),
                                         canonical_to_flax(weights, cfg))
-        src, tgt = jnp.asarray(inputs.src), jnp.asarray(inputs.tgt)
-        src_mask, tgt_mask = jnp.asarray(inputs.src_mask), jnp.asarray(inputs.tgt_mask)
-        w = jnp.asarray(inputs.loss_weights, dtype=jdtype)
+        kwargs = forward_kwargs(cfg, inputs, jnp.asarray)
+        w = {name: jnp.asarray(v, dtype=jdtype) for name, v in inputs.loss_weights.items()}
+        memory = None
+        if cfg.arch == "seq2seq":
+            memory = model.apply({"params": params}, kwargs["src"], kwargs["src_mask"], method=model.encode,
+                                 src_segments=kwargs.get("src_segments"))  # [B, S, D]
 
         def loss_fn(p):
-            logits = model.apply({"params": p}, src, tgt, src_mask, tgt_mask)  # [B, T, V]
-            return (logits * w).sum(), logits
+            outputs = _outputs(cfg, model.apply({"params": p}, **kwargs), memory)
+            return sum((outputs[name] * w[name]).sum() for name in w), outputs
 
-        (_, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        memory = model.apply({"params": params}, src, src_mask, method=model.encode)  # [B, S, D]
-    return {"memory": np.asarray(memory), "logits": np.asarray(logits),
-            "grads": flax_to_canonical(grads, cfg)}
+        (_, outputs), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return {**{k: np.asarray(v) for k, v in outputs.items()}, "grads": flax_to_canonical(grads, cfg)}
 
 
 RUNNERS = {"torch": run_torch, "jax": run_jax}
@@ -229,7 +293,7 @@ def _grad_denominators(grads: Mapping[str, np.ndarray], dtype: str) -> dict[str,
 
 def compare_twins(cfg: TransformerConfig, weights: Mapping[str, np.ndarray], inputs: Inputs, dtype: str,
                   source: str, device: str = "cpu") -> list[Check]:
-    """Run both twins on the same canonical weights; rows for memory, logits and gradients.
+    """Run both twins on the same canonical weights; rows for the arch's outputs (OUTPUTS) and gradients.
 
     `source` names the twin the weights came from; its results are the reference.
     """
@@ -240,7 +304,8 @@ def compare_twins(cfg: TransformerConfig, weights: Mapping[str, np.ndarray], inp
     got = RUNNERS[other](cfg, weights, inputs, dtype, device)
     tol = TOLERANCES[dtype]
     tag = f"{source}->{other}"
-    rows = [Check(f"{tag} {name}", dtype, *errors(got[name], ref[name]), tol) for name in ("memory", "logits")]
+    rows = [Check(f"{tag} {name}", dtype, *errors(got[name], ref[name]), tol) for name in OUTPUTS[cfg.arch]
+            if name in ref]
     if dtype == "bfloat16":
         return rows  # bfloat16 gradients are accumulated in bfloat16 in framework-specific orders: no claim
     denoms = _grad_denominators(ref["grads"], dtype)

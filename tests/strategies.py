@@ -11,21 +11,24 @@ from parity.suite import SPACE, Inputs, build_config, make_inputs, np_dtype
 
 
 @st.composite
-def configs(draw: st.DrawFn, **fixed) -> TransformerConfig:
-    """A random config (dropout off); keyword arguments pin fields."""
-    cfg = build_config(lambda _, options: draw(st.sampled_from(list(options))))
+def configs(draw: st.DrawFn, archs: tuple[str, ...] = ("seq2seq",), **fixed) -> TransformerConfig:
+    """A random config (dropout off) of one of `archs`; keyword arguments pin fields."""
+    cfg = build_config(lambda _, options: draw(st.sampled_from(list(options))), archs)
     return cfg.replace(**fixed) if fixed else cfg
 
 
 @st.composite
-def inputs(draw: st.DrawFn, cfg: TransformerConfig, allow_empty_source: bool = True) -> Inputs:
-    """A batch with right-padding: lengths drawn per row (0 allowed for the source: an empty row)."""
+def inputs(draw: st.DrawFn, cfg: TransformerConfig, allow_empty_source: bool = True, packed: bool = False) -> Inputs:
+    """A batch with right-padding: lengths drawn per row (0 allowed for the source: an empty row).
+    `packed`: each row holds 1-3 examples (segment ids)."""
     batch = draw(st.sampled_from(SPACE["batch"]))
     src_len, tgt_len = draw(st.sampled_from(SPACE["src_len"])), draw(st.sampled_from(SPACE["tgt_len"]))
-    src_lengths = draw(st.lists(st.integers(0 if allow_empty_source else 1, src_len), min_size=batch, max_size=batch))
+    low = 0 if allow_empty_source else 1
+    src_lengths = draw(st.lists(st.integers(low, src_len), min_size=batch, max_size=batch))
     tgt_lengths = draw(st.lists(st.integers(1, tgt_len), min_size=batch, max_size=batch))
+    segments = draw(st.lists(st.integers(1, 3), min_size=batch, max_size=batch)) if packed else None
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    return make_inputs(cfg, src_lengths, tgt_lengths, src_len, tgt_len, rng)
+    return make_inputs(cfg, src_lengths, tgt_lengths, src_len, tgt_len, rng, segments)
 
 
 def random_weights(cfg: TransformerConfig, dtype: str, seed: int = 0) -> dict[str, np.ndarray]:
