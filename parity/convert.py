@@ -1,4 +1,4 @@
-"""Weight conversion between the twins, and in from / out to torch.nn.Transformer.
+"""Weight conversion between the twins, and in from / out to torch.nn.Transformer and nn.TransformerEncoder.
 
 The canonical names are the torch twin's state_dict keys (`parity.names.canonical_shapes`). The
 Flax param tree uses the same module names, nested, list items as `layers_0`. One strict rule table
@@ -41,7 +41,7 @@ def _rule_for_canonical(key: str) -> tuple[tuple[str, ...], bool]:
 
 
 def flax_key_map(cfg: TransformerConfig) -> dict[tuple[str, ...], tuple[str, bool]]:
-    """{Flax param path: (canonical key, transposed)} for every param of `jax_tx.Transformer(cfg)`."""
+    """{Flax param path: (canonical key, transposed)} for every param of `jax_tx.model_for(cfg)`."""
     tied = aliases(cfg)
     out = {}
     for key in canonical_shapes(cfg):
@@ -125,11 +125,11 @@ def check_canonical(weights: Mapping[str, Any], cfg: TransformerConfig) -> None:
     _check_weights(weights, canonical_shapes(cfg), "state dict")
 
 
-OUTSIDE_STACKS = ("src_embed.", "tgt_embed.", "generator.")
+OUTSIDE_STACKS = ("src_embed.", "tgt_embed.", "generator.", "pooler.", "classifier.")
 
 
 def stack_shapes(cfg: TransformerConfig) -> dict[str, tuple[int, ...]]:
-    """The canonical keys torch.nn.Transformer also has: the encoder and decoder stacks."""
+    """The canonical keys torch.nn.Transformer (nn.TransformerEncoder for an encoder) also has: the stacks."""
     return {k: s for k, s in canonical_shapes(cfg).items() if not k.startswith(OUTSIDE_STACKS)}
 
 
@@ -196,7 +196,7 @@ def flax_to_canonical(params: Mapping[str, Any], cfg: TransformerConfig,
 
 
 def torch_to_flax(state_dict: Mapping[str, Any], cfg: TransformerConfig) -> dict[str, Any]:
-    """`torch_tx.Transformer.state_dict()` -> Flax params tree (jax arrays, same dtypes)."""
+    """`torch_tx.model_for(cfg).state_dict()` -> Flax params tree (jax arrays, same dtypes)."""
     import jax
     import jax.numpy as jnp
 
@@ -207,7 +207,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], cfg: TransformerConfig) -> dict
 
 
 def flax_to_torch(params: Mapping[str, Any], cfg: TransformerConfig) -> dict[str, Any]:
-    """Flax params tree -> {canonical name: torch.Tensor}, loadable by `torch_tx.Transformer(cfg)`."""
+    """Flax params tree -> {canonical name: torch.Tensor}, loadable by `torch_tx.model_for(cfg)`."""
     canonical = flax_to_canonical(params, cfg)
     tensors: dict[str, Any] = {}
     owners = aliases(cfg)
@@ -225,6 +225,17 @@ _NN_RENAMES = {
                 "norm3": "ff_norm"},
 }
 _PACKED = {"in_proj_weight": "weight", "in_proj_bias": "bias"}
+# The config fields a torch.nn module carries (from_nn_* overrides may not contradict them).
+_NN_FIELDS = ("d_model", "num_heads", "d_ff", "activation", "norm_first", "layer_norm_eps", "num_encoder_layers",
+              "num_decoder_layers", "final_norm")
+
+
+def nn_name(cfg: TransformerConfig) -> str:
+    """The torch.nn module that holds the stacks of cfg.arch: nn.Transformer or nn.TransformerEncoder."""
+    if cfg.arch == "decoder":
+        raise ConversionError("arch 'decoder' (DecoderOnly) has no torch.nn counterpart: nn.TransformerDecoder "
+                              "layers always have cross-attention")
+    return "nn.TransformerEncoder" if cfg.arch == "encoder" else "nn.Transformer"
 
 
 def _nn_activation(layer) -> str:
@@ -250,16 +261,54 @@ def _nn_layer_settings(layer) -> dict[str, Any]:
                 norm_first=bool(layer.norm_first), layer_norm_eps=float(layer.norm1.eps))
 
 
+def _nn_settings(stacks: list) -> dict[str, Any]:
+    """The config fields shared by every layer and final norm of torch.nn encoder/decoder `stacks`."""
+    from torch import nn
+
+    layers = [layer for stack in stacks for layer in stack.layers]
+    settings = [_nn_layer_settings(layer) for layer in layers]
+    for s, layer in zip(settings, layers):
+        if s != settings[0]:
+            raise ConversionError(f"all layers must share one configuration; {s} != {settings[0]}")
+        for norm in ("norm1", "norm2", "norm3"):
+            if hasattr(layer, norm) and getattr(layer, norm).eps != settings[0]["layer_norm_eps"]:
+                raise ConversionError("all LayerNorms must share one eps")
+    norms = [stack.norm for stack in stacks]
+    if len({norm is None for norm in norms}) > 1:
+        raise ConversionError("the encoder and decoder must both have a final norm or both lack one")
+    for norm in norms:
+        if norm is not None and not (isinstance(norm, nn.LayerNorm) and norm.bias is not None):
+            raise ConversionError(f"the final norm must be an nn.LayerNorm with a bias, got {norm!r}")
+        if norm is not None and norm.eps != settings[0]["layer_norm_eps"]:
+            raise ConversionError(f"the final norm's eps ({norm.eps}) differs from the layers' "
+                                  f"({settings[0]['layer_norm_eps']}): all LayerNorms must share one eps")
+    return {**settings[0], "final_norm": norms[0] is not None}
+
+
+def _nn_config(module_fields: dict[str, Any], overrides: dict[str, Any], **fields: Any) -> TransformerConfig:
+    """The config of a torch.nn module: its own fields, then `overrides` (which may not contradict them)."""
+    for name, value in overrides.items():
+        if name in _NN_FIELDS and name in module_fields and value != module_fields[name]:
+            raise ConversionError(f"{name}={value!r} disagrees with the module, which has "
+                                  f"{name}={module_fields[name]!r}")
+    return TransformerConfig(**{**fields, **module_fields, **overrides})
+
+
 def nn_key_map(cfg: TransformerConfig) -> dict[str, tuple[str, ...]]:
-    """{torch.nn.Transformer state_dict key: the canonical keys it holds}, in nn.Transformer's order.
+    """{torch.nn state_dict key: the canonical keys it holds}, in the module's order: nn.Transformer's keys
+    for arch 'seq2seq', nn.TransformerEncoder's (`layers.0.…`, `norm.…`) for 'encoder'.
 
     A packed `in_proj_weight` / `in_proj_bias` holds q_proj, k_proj, v_proj stacked along dim 0.
     """
+    nn_name(cfg)
     out: dict[str, tuple[str, ...]] = {}
-    for stack, num_layers in (("encoder", cfg.num_encoder_layers), ("decoder", cfg.num_decoder_layers)):
+    stacks = (("encoder", cfg.num_encoder_layers),) if cfg.arch == "encoder" else \
+        (("encoder", cfg.num_encoder_layers), ("decoder", cfg.num_decoder_layers))
+    for stack, num_layers in stacks:
+        nn_prefix = "" if cfg.arch == "encoder" else f"{stack}."
         for i in range(num_layers):
             for sub, canonical in _NN_RENAMES[stack].items():
-                prefix, module = f"{stack}.layers.{i}.{sub}", f"{stack}.layers.{i}.{canonical}"
+                prefix, module = f"{nn_prefix}layers.{i}.{sub}", f"{stack}.layers.{i}.{canonical}"
                 if sub.endswith("attn"):
                     for leaf, part in _PACKED.items():
                         out[f"{prefix}.{leaf}"] = tuple(f"{module}.{p}.{part}" for p in ("q_proj", "k_proj", "v_proj"))
@@ -270,41 +319,43 @@ def nn_key_map(cfg: TransformerConfig) -> dict[str, tuple[str, ...]]:
                         out[f"{prefix}.{leaf}"] = (f"{module}.{leaf}",)
         if cfg.final_norm:
             for leaf in ("weight", "bias"):
-                out[f"{stack}.norm.{leaf}"] = (f"{stack}.norm.{leaf}",)
+                out[f"{nn_prefix}norm.{leaf}"] = (f"{stack}.norm.{leaf}",)
     return out
 
 
 def from_nn_state_dict(state_dict: Mapping[str, Any], cfg: TransformerConfig) -> dict[str, np.ndarray]:
-    """torch.nn.Transformer state dict (tensors or arrays) -> canonical {name: numpy array} of its stacks.
+    """torch.nn.Transformer (seq2seq) or nn.TransformerEncoder (encoder) state dict (tensors or arrays)
+    -> canonical {name: numpy array} of its stacks; the key set and every shape checked in the module's names.
 
     Packed q/k/v come out as row slices of the packed array (views, no copies). Keys outside the
     stacks (e.g. `src_embed.weight` saved beside them) pass through unchanged.
     """
-    nn_map = nn_key_map(cfg)
+    nn_map, what = nn_key_map(cfg), nn_name(cfg)
     outside = {k for k in canonical_shapes(cfg) if k.startswith(OUTSIDE_STACKS)}
+    unexpected = sorted(k for k in state_dict if k not in nn_map and k not in outside)
+    if unexpected:
+        raise ConversionError(f"unexpected {what} key(s) {', '.join(repr(k) for k in unexpected[:8])}")
+    _check_keys({k for k in state_dict if k in nn_map}, set(nn_map), f"{what} state dict")
+    shapes, d = canonical_shapes(cfg), cfg.d_model
     out: dict[str, np.ndarray] = {}
     for key, value in state_dict.items():
-        array = to_numpy(value)
-        parts = nn_map.get(key, (key,))
+        array, parts = to_numpy(value), nn_map.get(key, (key,))
         if len(parts) == 3:
-            d = cfg.d_model
-            _check_shape(key, array.shape, (3 * d, d) if key.endswith("weight") else (3 * d,))
+            _check_shape(key, array.shape, (3 * d,) + shapes[parts[0]][1:])
             for i, part in enumerate(parts):
                 out[part] = array[i * d:(i + 1) * d]
-        elif key in nn_map or key in outside:
-            out[parts[0]] = array
         else:
-            raise ConversionError(f"unexpected nn.Transformer key {key!r}")
-    _check_weights({k: v for k, v in out.items() if not k.startswith(OUTSIDE_STACKS)}, stack_shapes(cfg),
-                   "nn.Transformer state dict")
+            if key in nn_map:
+                _check_shape(key, array.shape, shapes[parts[0]])
+            out[parts[0]] = array
     return out
 
 
 def to_nn_state_dict(weights: Mapping[str, Any], cfg: TransformerConfig) -> dict[str, np.ndarray]:
-    """Canonical weights (full, or the stacks only) -> torch.nn.Transformer state dict of numpy arrays.
+    """Canonical weights (full, or the stacks only) -> nn.Transformer (nn.TransformerEncoder) state dict of arrays.
 
     q/k/v are packed into `in_proj_weight` / `in_proj_bias` (new arrays); keys outside the stacks
-    (`src_embed.weight`, `tgt_embed.weight`, `generator.*`) are not nn.Transformer's and are left out.
+    (embeddings, `generator.*`, `pooler.*`, `classifier.*`) are not the module's and are left out.
     """
     given = {k: v for k, v in weights.items() if not k.startswith(OUTSIDE_STACKS)}
     _check_weights(given, stack_shapes(cfg), "state dict")
@@ -323,52 +374,74 @@ def from_nn_transformer(module, *, src_vocab_size: int, tgt_vocab_size: int,
     load it with `torch_tx.Transformer(cfg).load_state_dict(sd, strict=False)`. `overrides` sets
     config fields nn.Transformer does not carry (max_len, pad_id, tie_output, ...).
     """
-    layers = list(module.encoder.layers) + list(module.decoder.layers)
-    if not layers or not module.encoder.layers or not module.decoder.layers:
+    if not module.encoder.layers or not module.decoder.layers:
         raise ConversionError("nn.Transformer needs at least one encoder and one decoder layer")
-    settings = [_nn_layer_settings(layer) for layer in layers]
-    for s, layer in zip(settings, layers):
-        if s != settings[0]:
-            raise ConversionError(f"all layers must share one configuration; {s} != {settings[0]}")
-        for norm in ("norm1", "norm2", "norm3"):
-            if hasattr(layer, norm) and getattr(layer, norm).eps != settings[0]["layer_norm_eps"]:
-                raise ConversionError("all LayerNorms must share one eps")
-    enc_norm, dec_norm = module.encoder.norm is not None, module.decoder.norm is not None
-    if enc_norm != dec_norm:
-        raise ConversionError("the encoder and decoder must both have a final norm or both lack one")
-    cfg = TransformerConfig(src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size,
-                            num_encoder_layers=len(module.encoder.layers),
-                            num_decoder_layers=len(module.decoder.layers), final_norm=enc_norm,
-                            **{**settings[0], **overrides})
+    fields = {**_nn_settings([module.encoder, module.decoder]), "num_encoder_layers": len(module.encoder.layers),
+              "num_decoder_layers": len(module.decoder.layers)}
+    cfg = _nn_config(fields, overrides, src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size)
     arrays = from_nn_state_dict(module.state_dict(), cfg)
     return cfg, {k: to_torch(arrays[k]) for k in stack_shapes(cfg)}
+
+
+def from_nn_encoder(module, *, src_vocab_size: int, **overrides: Any) -> tuple[TransformerConfig, dict[str, Any]]:
+    """torch.nn.TransformerEncoder -> (config with arch 'encoder', state dict of its stack in canonical names).
+
+    norm_first, activation, eps and the final norm (`module.norm`, or None) come from the module; batch_first
+    does not matter (the weights are the same). The state dict lacks `src_embed` (and `pooler` / `classifier`
+    when `num_classes=` is given): load it with `torch_tx.EncoderOnly(cfg).load_state_dict(sd, strict=False)`.
+    `overrides` sets fields the module does not carry (max_len, pad_id, num_classes, ...).
+    """
+    from torch import nn
+
+    if not isinstance(module, nn.TransformerEncoder):
+        raise ConversionError(f"expected a torch.nn.TransformerEncoder, got {type(module).__name__}")
+    if not module.layers:
+        raise ConversionError("nn.TransformerEncoder needs at least one layer")
+    fields = {**_nn_settings([module]), "num_encoder_layers": len(module.layers)}
+    cfg = _nn_config(fields, overrides, src_vocab_size=src_vocab_size, tgt_vocab_size=src_vocab_size, arch="encoder")
+    arrays = from_nn_state_dict(module.state_dict(), cfg)
+    return cfg, {k: to_torch(arrays[k]) for k in stack_shapes(cfg)}
+
+
+def _nn_layer_kwargs(cfg: TransformerConfig) -> dict[str, Any]:
+    return dict(d_model=cfg.d_model, nhead=cfg.num_heads, dim_feedforward=cfg.d_ff, dropout=cfg.dropout,
+                activation=cfg.activation, layer_norm_eps=cfg.layer_norm_eps, batch_first=True,
+                norm_first=cfg.norm_first)
+
+
+def build_nn_encoder(cfg: TransformerConfig):
+    """An untrained torch.nn.TransformerEncoder (batch_first=True) with the encoder stack of `cfg`."""
+    from torch import nn
+
+    norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.final_norm else None
+    return nn.TransformerEncoder(nn.TransformerEncoderLayer(**_nn_layer_kwargs(cfg)), cfg.num_encoder_layers,
+                                 norm=norm, enable_nested_tensor=False)
 
 
 def build_nn_transformer(cfg: TransformerConfig):
     """An untrained torch.nn.Transformer(batch_first=True) with the stacks of `cfg` (same state_dict keys)."""
     from torch import nn
 
-    layer_kw = dict(d_model=cfg.d_model, nhead=cfg.num_heads, dim_feedforward=cfg.d_ff, dropout=cfg.dropout,
-                    activation=cfg.activation, layer_norm_eps=cfg.layer_norm_eps, batch_first=True,
-                    norm_first=cfg.norm_first)
-
-    def final_norm():
-        return nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.final_norm else None
-
-    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(**layer_kw), cfg.num_encoder_layers,
-                                    norm=final_norm(), enable_nested_tensor=False)
-    decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**layer_kw), cfg.num_decoder_layers,
-                                    norm=final_norm())
-    return nn.Transformer(d_model=cfg.d_model, nhead=cfg.num_heads, custom_encoder=encoder,
+    if cfg.arch != "seq2seq":
+        raise ConversionError(f"nn.Transformer has an encoder and a decoder; arch is {cfg.arch!r}")
+    decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**_nn_layer_kwargs(cfg)), cfg.num_decoder_layers,
+                                    norm=nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.final_norm else None)
+    return nn.Transformer(d_model=cfg.d_model, nhead=cfg.num_heads, custom_encoder=build_nn_encoder(cfg),
                           custom_decoder=decoder, dim_feedforward=cfg.d_ff, dropout=cfg.dropout, batch_first=True)
 
 
-def to_nn_transformer(state_dict: Mapping[str, Any], cfg: TransformerConfig):
-    """Canonical state dict (full, or the stacks only) -> torch.nn.Transformer(batch_first=True).
+def build_nn(cfg: TransformerConfig):
+    """The untrained torch.nn module of cfg.arch (`nn_name`): nn.Transformer or nn.TransformerEncoder."""
+    return build_nn_encoder(cfg) if nn_name(cfg) == "nn.TransformerEncoder" else build_nn_transformer(cfg)
 
-    Embeddings and the output layer have no place in nn.Transformer and are left out.
+
+def to_nn_transformer(state_dict: Mapping[str, Any], cfg: TransformerConfig):
+    """Canonical state dict (full, or the stacks only) -> torch.nn.Transformer(batch_first=True), or for arch
+    'encoder' torch.nn.TransformerEncoder(batch_first=True).
+
+    Embeddings and the output layer / classification head have no place there and are left out.
     """
-    module = build_nn_transformer(cfg)
+    module = build_nn(cfg)
     nn_sd = {k: to_torch(v) for k, v in to_nn_state_dict(state_dict, cfg).items()}
     module.to(next(iter(nn_sd.values())).dtype)
     module.load_state_dict(nn_sd, strict=True)

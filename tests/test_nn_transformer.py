@@ -1,8 +1,9 @@
-"""Import from and export to torch.nn.Transformer, on random configs, checked against nn.Transformer itself.
+"""Import from and export to torch.nn.Transformer (random configs) and torch.nn.TransformerEncoder (into
+EncoderOnly), checked against the torch.nn modules themselves.
 
-nn.Transformer has no embeddings or output layer, so the comparison is of the stacks: the same
-embedded inputs (B, S, D) / (B, T, D) and masks through nn.Transformer, through the torch twin's
-encoder/decoder, and through the Flax twin's (weights converted torch -> Flax), in float64.
+They have no embeddings or output layer, so the comparison is of the stacks: the same embedded inputs
+(B, S, D) / (B, T, D) and masks through the torch.nn module, through the torch twin's encoder/decoder,
+and through the Flax twin's (weights converted torch -> Flax), in float64.
 """
 
 from __future__ import annotations
@@ -141,3 +142,87 @@ def test_unsupported_nn_transformers_are_refused_by_name():
     half.decoder.norm = None
     with pytest.raises(convert.ConversionError, match="final norm"):
         convert.from_nn_transformer(half, src_vocab_size=5, tgt_vocab_size=5)
+
+
+def _nn_encoder(norm_first: bool, activation: str, final_norm: bool, batch_first: bool, eps: float = 1e-6,
+                seed: int = 0) -> nn.TransformerEncoder:
+    """A torch.nn.TransformerEncoder (d_model 8, 2 heads, 2 layers) with every parameter random."""
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.1, activation=activation,
+                                       layer_norm_eps=eps, batch_first=batch_first, norm_first=norm_first)
+    module = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(8, eps=eps) if final_norm else None,
+                                   enable_nested_tensor=False).double().eval()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.5)
+    return module
+
+
+@pytest.mark.parametrize("norm_first,activation,final_norm,batch_first", [
+    (False, "relu", True, False), (True, "gelu", False, True), (True, "relu", True, True),
+    (False, "gelu", False, False)])
+def test_nn_transformer_encoder_imports_into_encoder_only_in_both_twins(norm_first, activation, final_norm,
+                                                                         batch_first):
+    module = _nn_encoder(norm_first, activation, final_norm, batch_first)
+    cfg, stack = convert.from_nn_encoder(module, src_vocab_size=11, num_classes=3, max_len=16)
+    assert (cfg.arch, cfg.num_classes, cfg.num_encoder_layers, cfg.norm_first, cfg.activation, cfg.final_norm,
+            cfg.layer_norm_eps) == ("encoder", 3, 2, norm_first, activation, final_norm, 1e-6)
+    cfg = cfg.replace(dropout=0.0)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((3, 5, 8)))  # [B, S, D]
+    src_mask = torch.from_numpy(np.arange(5)[None, :] < np.array([[5], [2], [4]]))  # [B, S]
+    ref = module(x if batch_first else x.transpose(0, 1), src_key_padding_mask=~src_mask)
+    ref = (ref if batch_first else ref.transpose(0, 1)).detach().numpy()  # [B, S, D]
+
+    model = torch_tx.EncoderOnly(cfg).double().eval()
+    result = model.load_state_dict(stack, strict=False)
+    assert set(result.missing_keys) == {"src_embed.weight", "pooler.weight", "pooler.bias", "classifier.weight",
+                                        "classifier.bias"}
+    assert not result.unexpected_keys
+    out = model.encoder(x, torch_tx.masks.key_mask(src_mask)).detach().numpy()  # [B, S, D]
+    assert errors(out, ref)[1] <= TOL
+
+    params = convert.torch_to_flax(model.state_dict(), cfg)
+    flax_out = jax_tx.EncoderOnly(cfg).apply({"params": params}, jnp.asarray(x.numpy()), jnp.asarray(src_mask.numpy()),
+                                              method=lambda m, x, mask: m.encoder(x, jax_tx.masks.key_mask(mask)))
+    assert errors(np.asarray(flax_out), ref)[1] <= TOL
+
+    exported = convert.to_nn_transformer(stack, cfg)
+    assert isinstance(exported, nn.TransformerEncoder) and list(exported.state_dict()) == list(module.state_dict())
+    assert all(torch.equal(exported.state_dict()[k], v) for k, v in module.state_dict().items())
+
+
+def test_nn_encoder_key_map_is_the_modules_own_state_dict():
+    module = _nn_encoder(False, "relu", True, True)
+    cfg, _ = convert.from_nn_encoder(module, src_vocab_size=5)
+    assert list(convert.nn_key_map(cfg)) == list(module.state_dict())
+    q = convert.from_nn_state_dict(module.state_dict(), cfg)["encoder.layers.1.self_attn.q_proj.weight"]
+    assert np.shares_memory(q, module.layers[1].self_attn.in_proj_weight.detach().numpy())  # a view, not a copy
+
+
+def test_bad_nn_encoders_are_refused_by_name():
+    module = _nn_encoder(False, "relu", True, True)
+    with pytest.raises(convert.ConversionError, match="d_model=16 disagrees with the module, which has d_model=8"):
+        convert.from_nn_encoder(module, src_vocab_size=5, d_model=16)
+    with pytest.raises(convert.ConversionError, match="expected a torch.nn.TransformerEncoder, got Transformer"):
+        convert.from_nn_encoder(nn.Transformer(d_model=8, nhead=2, dim_feedforward=16), src_vocab_size=5)
+    wide = _nn_encoder(False, "relu", True, True)
+    wide.norm = nn.LayerNorm(16, eps=1e-6)
+    with pytest.raises(convert.ConversionError, match=r"shape mismatch for 'norm.weight': expected \(8,\), "
+                                                      r"got \(16,\)"):
+        convert.from_nn_encoder(wide, src_vocab_size=5)
+    loose = _nn_encoder(False, "relu", True, True)
+    loose.norm = nn.LayerNorm(8, eps=1e-3)
+    with pytest.raises(convert.ConversionError, match="final norm's eps"):
+        convert.from_nn_encoder(loose, src_vocab_size=5)
+    cfg, _ = convert.from_nn_encoder(module, src_vocab_size=5)
+    sd = dict(module.state_dict())
+    del sd["layers.1.linear2.bias"]
+    with pytest.raises(convert.ConversionError, match=r"nn.TransformerEncoder state dict does not match the config: "
+                                                      r"missing key\(s\) 'layers.1.linear2.bias'"):
+        convert.from_nn_state_dict(sd, cfg)
+    sd = {**module.state_dict(), "layers.2.linear1.weight": torch.zeros(16, 8)}
+    with pytest.raises(convert.ConversionError, match=r"unexpected nn.TransformerEncoder key\(s\) 'layers.2.linear1"):
+        convert.from_nn_state_dict(sd, cfg)
+    with pytest.raises(convert.ConversionError, match="arch 'decoder' .* has no torch.nn counterpart"):
+        convert.nn_key_map(cfg.for_arch("decoder"))
