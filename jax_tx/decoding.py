@@ -2,9 +2,10 @@
 
 Mirrors `torch_tx/decoding.py` name for name. The encoder runs once; every step feeds one token per
 sequence through `Transformer.decode(..., cache=cache)`, inside one jitted `lax.while_loop` with
-static shapes that stops once every sequence has finished. The cache is a pytree carried through the
-loop (nothing is mutated). Greedy and beam search give the same tokens as the torch twin on converted
-weights; sampling is reproducible from `seed` (keys `fold_in(key, step)`) within this framework.
+static shapes that stops once every sequence has finished. A DecoderOnly reads BOS + the prompt in one
+cached call before the loop. The cache is a pytree carried through the loop (nothing is mutated).
+Greedy and beam search give the same tokens as the torch twin on converted weights; sampling is
+reproducible from `seed` (keys `fold_in(key, step)`) within this framework.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import numpy as np
 
 from jax_tx.masks import padding_mask
 from jax_tx.embeddings import check_token_ids
-from jax_tx.model import Transformer, _check_ids
-from parity.decoding import NEG_INF, check_generate_args, length_penalty
+from jax_tx.model import DecoderOnly, Transformer, _check_ids
+from parity.decoding import NEG_INF, check_generate_args, check_prompt, length_penalty
 
 
-def generate(model: Transformer, params: Mapping[str, Any], src: jnp.ndarray, *, max_new_tokens: int, bos_id: int,
-             eos_id: int, beam_size: int = 1, length_penalty: float = 0.6, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int | None = None, src_mask: jnp.ndarray | None = None) -> jnp.ndarray:
+def generate(model: Transformer | DecoderOnly, params: Mapping[str, Any], src: jnp.ndarray, *, max_new_tokens: int,
+             bos_id: int, eos_id: int, beam_size: int = 1, length_penalty: float = 0.6, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+             src_mask: jnp.ndarray | None = None) -> jnp.ndarray:
     """Output ids (B, n <= max_new_tokens) for src (B, S), without BOS, pad after EOS.
 
     beam_size 1 and temperature 0: greedy. temperature > 0: sampling from softmax(logits / temperature)
@@ -34,12 +36,21 @@ def generate(model: Transformer, params: Mapping[str, Any], src: jnp.ndarray, *,
     n is the number of steps taken: decoding stops once every sequence has finished (or, for beams, once
     no live hypothesis can beat the finished ones). `params` is the Flax params tree (or {"params": tree}).
     The loop is compiled once per (model, shapes, decoding arguments); pad S to a few lengths.
+
+    A DecoderOnly continues src, the prompt (B, P), right-padded (src_mask: its padding mask; P may be 0):
+    each row reads BOS + its real prompt tokens at positions 0.., and the output is the continuation alone.
+    P + max_new_tokens must be <= max_len (BOS, the prompt and every new token but the last are read);
+    beam_size > 1 raises ValueError (greedy or sampling only).
     """
     check_generate_args(model.cfg, max_new_tokens=max_new_tokens, bos_id=bos_id, eos_id=eos_id, beam_size=beam_size,
                         length_penalty=length_penalty, temperature=temperature, top_k=top_k, top_p=top_p)
     params = _params(params)
     src = jnp.asarray(src)
-    _check_source(src, model.cfg.src_vocab_size, model.cfg.max_len)
+    if isinstance(model, DecoderOnly):
+        check_prompt(model.cfg, tuple(src.shape), max_new_tokens=max_new_tokens, beam_size=beam_size)
+        check_token_ids(src, model.cfg.tgt_vocab_size)
+    else:
+        _check_source(src, model.cfg.src_vocab_size, model.cfg.max_len)
     src_pad = padding_mask(src, model.cfg.pad_id, src_mask, "src_mask")  # [B, S]
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % (1 << 63))
@@ -51,9 +62,12 @@ def generate(model: Transformer, params: Mapping[str, Any], src: jnp.ndarray, *,
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "bos_id", "eos_id", "beam_size", "alpha",
                                              "temperature", "top_k", "top_p"))
-def _generate(model: Transformer, params, src: jnp.ndarray, src_mask: jnp.ndarray, key: jax.Array, *,
+def _generate(model: Transformer | DecoderOnly, params, src: jnp.ndarray, src_mask: jnp.ndarray, key: jax.Array, *,
               max_new_tokens: int, bos_id: int, eos_id: int, beam_size: int, alpha: float, temperature: float,
               top_k: int, top_p: float) -> tuple[jnp.ndarray, jnp.ndarray]:
+    if isinstance(model, DecoderOnly):
+        return sample_continuation(model, params, src, src_mask, max_new_tokens=max_new_tokens, bos_id=bos_id,
+                                   eos_id=eos_id, temperature=temperature, top_k=top_k, top_p=top_p, key=key)
     memory = model.apply({"params": params}, src, src_mask, method=model.encode)  # [B, S, D]
     if beam_size > 1:
         return beam_search(model, params, memory, src_mask, max_new_tokens=max_new_tokens, bos_id=bos_id,
@@ -89,27 +103,51 @@ def sample(model: Transformer, params, memory: jnp.ndarray, src_mask: jnp.ndarra
            bos_id: int, eos_id: int, temperature: float, top_k: int, top_p: float,
            key: jax.Array) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Greedy or sampled tokens (B, N) for memory (B, S, D) and the number of steps taken n (columns after n: pad)."""
-    b, pad_id = memory.shape[0], model.cfg.pad_id
-    cache = model.apply({"params": params}, memory, src_mask, max_new_tokens, method=model.init_cache)
-    out = jnp.full((b, max_new_tokens), pad_id, dtype=jnp.int32)  # [B, N]
-    token = jnp.full((b, 1), bos_id, dtype=jnp.int32)  # [B, 1]
+    b = memory.shape[0]
     fed = jnp.ones((b, 1), dtype=jnp.bool_)  # [B, 1]
 
-    def cond(carry):
-        steps, _, _, _, done = carry
-        return (steps < max_new_tokens) & ~done.all()
-
-    def body(carry):
-        steps, out, token, cache, done = carry
+    def decode_step(token: jnp.ndarray, cache: dict, steps: jnp.ndarray) -> tuple[jnp.ndarray, dict]:
         logits, cache = model.apply({"params": params}, token, None, None, fed, cache, method=model.decode)  # [B, 1, V]
-        chosen = next_token(_at_least_float32(logits[:, -1]), temperature, top_k, top_p,
-                            jax.random.fold_in(key, steps))  # [B]
-        chosen = jnp.where(done, pad_id, chosen).astype(jnp.int32)  # [B]
-        return steps + 1, out.at[:, steps].set(chosen), chosen[:, None], cache, done | (chosen == eos_id)
+        return logits[:, -1], cache  # [B, V]
 
-    steps, out, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), out, token, cache,
-                                                          jnp.zeros(b, dtype=jnp.bool_)))
-    return out, steps
+    out = jnp.full((b, max_new_tokens), model.cfg.pad_id, dtype=jnp.int32)  # [B, N]
+    token = jnp.full((b, 1), bos_id, dtype=jnp.int32)  # [B, 1]
+    done = jnp.zeros(b, dtype=jnp.bool_)  # [B]
+    cache = model.apply({"params": params}, memory, src_mask, max_new_tokens, method=model.init_cache)
+    return _sample_loop(decode_step, _chooser(temperature, top_k, top_p, key), jnp.int32(0), out, token, cache, done,
+                        max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=model.cfg.pad_id)
+
+
+def sample_continuation(model: DecoderOnly, params, prompt: jnp.ndarray, prompt_mask: jnp.ndarray, *,
+                        max_new_tokens: int, bos_id: int, eos_id: int, temperature: float, top_k: int, top_p: float,
+                        key: jax.Array) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Greedy or sampled continuations (B, N) of prompt (B, P) with padding mask (B, P), and the steps taken n.
+
+    One cached call reads BOS + the prompt (each row's real tokens at positions 0..; padding repeats the
+    last position and is masked), then one step per token, each row at its own next position.
+    """
+    (b, p), pad_id = prompt.shape, model.cfg.pad_id
+    block = jnp.concatenate([jnp.full((b, 1), bos_id, dtype=prompt.dtype), prompt], 1)  # [B, 1 + P]
+    block_mask = jnp.concatenate([jnp.ones((b, 1), dtype=jnp.bool_), prompt_mask], 1)  # [B, 1 + P]
+    positions = (jnp.cumsum(block_mask, 1) - 1).astype(jnp.int32)  # [B, 1 + P]
+    cache = model.apply({"params": params}, b, p + max_new_tokens, method=model.init_cache)
+    logits, cache = model.apply({"params": params}, block, block_mask, cache, method=model.decode,
+                                tgt_positions=positions)  # [B, 1 + P, V]
+    last = positions.argmax(1)  # [B]: each row's last real token (padding repeats its position)
+    logits = jnp.take_along_axis(logits, last[:, None, None], 1)[:, 0]  # [B, V]
+    fed = jnp.ones((b, 1), dtype=jnp.bool_)  # [B, 1]
+
+    def decode_step(token: jnp.ndarray, cache: dict, steps: jnp.ndarray) -> tuple[jnp.ndarray, dict]:
+        logits, cache = model.apply({"params": params}, token, fed, cache, method=model.decode,
+                                    tgt_positions=positions[:, -1:] + steps)  # [B, 1, V]
+        return logits[:, -1], cache  # [B, V]
+
+    choose = _chooser(temperature, top_k, top_p, key)
+    out = jnp.full((b, max_new_tokens), pad_id, dtype=jnp.int32)  # [B, N]
+    out, token, done = _pick(choose, logits, jnp.int32(0), out, jnp.zeros(b, dtype=jnp.bool_), eos_id=eos_id,
+                             pad_id=pad_id)  # token [B, 1]
+    return _sample_loop(decode_step, choose, jnp.int32(1), out, token, cache, done, max_new_tokens=max_new_tokens,
+                        eos_id=eos_id, pad_id=pad_id)
 
 
 def beam_search(model: Transformer, params, memory: jnp.ndarray, src_mask: jnp.ndarray, *, max_new_tokens: int,
@@ -191,6 +229,40 @@ def cross_attention_weights(model: Transformer, params: Mapping[str, Any], src: 
 
 def _at_least_float32(x: jnp.ndarray) -> jnp.ndarray:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _chooser(temperature: float, top_k: int, top_p: float, key: jax.Array):
+    """choose(logits (B, V), steps) -> the token ids (B,) of output column `steps` (next_token's rule, with the
+    key fold_in(key, steps))."""
+    return lambda logits, steps: next_token(_at_least_float32(logits), temperature, top_k, top_p,
+                                            jax.random.fold_in(key, steps))
+
+
+def _pick(choose, logits: jnp.ndarray, steps: jnp.ndarray, out: jnp.ndarray, done: jnp.ndarray, *, eos_id: int,
+          pad_id: int) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Output column `steps` of out (B, N) chosen from logits (B, V) (pad in finished rows) -> (out, token (B, 1),
+    done)."""
+    chosen = jnp.where(done, pad_id, choose(logits, steps)).astype(jnp.int32)  # [B]
+    return out.at[:, steps].set(chosen), chosen[:, None], done | (chosen == eos_id)  # token [B, 1]
+
+
+def _sample_loop(decode_step, choose, steps: jnp.ndarray, out: jnp.ndarray, token: jnp.ndarray, cache: dict,
+                 done: jnp.ndarray, *, max_new_tokens: int, eos_id: int,
+                 pad_id: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """From column `steps` on: decode_step(token (B, 1), cache, steps) -> (logits (B, V), cache), pick the next
+    column, until max_new_tokens columns or every row has finished -> (out (B, N), the steps taken n)."""
+    def cond(carry):
+        steps, _, _, _, done = carry
+        return (steps < max_new_tokens) & ~done.all()
+
+    def body(carry):
+        steps, out, token, cache, done = carry
+        logits, cache = decode_step(token, cache, steps)  # [B, V]
+        out, token, done = _pick(choose, logits, steps, out, done, eos_id=eos_id, pad_id=pad_id)  # token [B, 1]
+        return steps + 1, out, token, cache, done
+
+    steps, out, _, _, _ = jax.lax.while_loop(cond, body, (steps, out, token, cache, done))
+    return out, steps
 
 
 def _check_source(src: jnp.ndarray, vocab_size: int, max_len: int) -> None:

@@ -56,5 +56,19 @@ def check_generate_args(cfg: TransformerConfig, *, max_new_tokens: int, bos_id: 
                            top_p=top_p)
 
 
+def check_prompt(cfg: TransformerConfig, shape: tuple[int, ...], *, max_new_tokens: int, beam_size: int) -> None:
+    """Raise ValueError unless a DecoderOnly can continue a prompt of `shape` (B, P) by max_new_tokens (checked
+    by `check_generate_args` first): no beam search, and BOS + the prompt + every new token but the last
+    (P + max_new_tokens positions) fit max_len."""
+    if beam_size > 1:
+        raise ValueError(f"beam search is for the encoder-decoder Transformer: a DecoderOnly generates greedily or "
+                         f"samples (beam_size 1), got beam_size={beam_size}")
+    if len(shape) != 2:
+        raise ValueError(f"the prompt must have shape (B, P), got {shape}")
+    if shape[1] + max_new_tokens > cfg.max_len:
+        raise ValueError(f"prompt length P={shape[1]} + max_new_tokens={max_new_tokens} exceeds max_len={cfg.max_len}: "
+                         f"the model reads BOS, the prompt and every new token but the last")
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)

@@ -1,8 +1,9 @@
 """Decoding with the KV cache (torch twin): greedy, sampling (temperature, top-k, top-p), beam search.
 
 Mirrors `jax_tx/decoding.py` name for name. The encoder runs once; every step feeds one token per
-sequence through `Transformer.decode(..., cache=cache)`. Greedy and beam search give the same tokens
-as the Flax twin on converted weights; sampling is reproducible from `seed` within this framework.
+sequence through `Transformer.decode(..., cache=cache)`. A DecoderOnly reads BOS + the prompt in one
+cached call, then one token per step. Greedy and beam search give the same tokens as the Flax twin on
+converted weights; sampling is reproducible from `seed` within this framework.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ import math
 
 import torch
 
-from parity.decoding import NEG_INF, check_generate_args, length_penalty
+from parity.decoding import NEG_INF, check_generate_args, check_prompt, length_penalty
 from torch_tx.masks import padding_mask
-from torch_tx.model import Transformer
+from torch_tx.model import DecoderOnly, Transformer
 
 
 @torch.no_grad()
-def generate(model: Transformer, src: torch.Tensor, *, max_new_tokens: int, bos_id: int, eos_id: int,
+def generate(model: Transformer | DecoderOnly, src: torch.Tensor, *, max_new_tokens: int, bos_id: int, eos_id: int,
              beam_size: int = 1, length_penalty: float = 0.6, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int | None = None, src_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Output ids (B, n <= max_new_tokens) for src (B, S), without BOS, pad after EOS.
@@ -27,17 +28,20 @@ def generate(model: Transformer, src: torch.Tensor, *, max_new_tokens: int, bos_
     beam_size > 1: beam search, hypotheses scored by summed log-probabilities / ((5 + len) / 6) ** length_penalty.
     n is the number of steps taken: decoding stops once every sequence has finished (or, for beams, once
     no live hypothesis can beat the finished ones).
+
+    A DecoderOnly continues src, the prompt (B, P), right-padded (src_mask: its padding mask; P may be 0):
+    each row reads BOS + its real prompt tokens at positions 0.., and the output is the continuation alone.
+    P + max_new_tokens must be <= max_len (BOS, the prompt and every new token but the last are read);
+    beam_size > 1 raises ValueError (greedy or sampling only).
     """
     check_generate_args(model.cfg, max_new_tokens=max_new_tokens, bos_id=bos_id, eos_id=eos_id, beam_size=beam_size,
                         length_penalty=length_penalty, temperature=temperature, top_k=top_k, top_p=top_p)
+    if isinstance(model, DecoderOnly):
+        check_prompt(model.cfg, tuple(src.shape), max_new_tokens=max_new_tokens, beam_size=beam_size)
     was_training = model.training
     model.eval()
     try:
         src_pad = padding_mask(src, model.cfg.pad_id, src_mask, "src_mask")  # [B, S]
-        memory = model.encode(src, src_pad)  # [B, S, D]
-        if beam_size > 1:
-            return beam_search(model, memory, src_pad, max_new_tokens=max_new_tokens, bos_id=bos_id, eos_id=eos_id,
-                               beam_size=beam_size, alpha=length_penalty)
         generator = None
         if temperature > 0.0:
             generator = torch.Generator(device=src.device)
@@ -45,6 +49,14 @@ def generate(model: Transformer, src: torch.Tensor, *, max_new_tokens: int, bos_
                 generator.seed()
             else:
                 generator.manual_seed(seed)
+        if isinstance(model, DecoderOnly):
+            return sample_continuation(model, src, src_pad, max_new_tokens=max_new_tokens, bos_id=bos_id,
+                                       eos_id=eos_id, temperature=temperature, top_k=top_k, top_p=top_p,
+                                       generator=generator)
+        memory = model.encode(src, src_pad)  # [B, S, D]
+        if beam_size > 1:
+            return beam_search(model, memory, src_pad, max_new_tokens=max_new_tokens, bos_id=bos_id, eos_id=eos_id,
+                               beam_size=beam_size, alpha=length_penalty)
         return sample(model, memory, src_pad, max_new_tokens=max_new_tokens, bos_id=bos_id, eos_id=eos_id,
                       temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     finally:
@@ -80,21 +92,49 @@ def sample(model: Transformer, memory: torch.Tensor, src_mask: torch.Tensor, *, 
            eos_id: int, temperature: float, top_k: int, top_p: float,
            generator: torch.Generator | None) -> torch.Tensor:
     """Greedy or sampled tokens (B, n) for memory (B, S, D), one cached decoder step per token."""
-    b, pad_id = memory.shape[0], model.cfg.pad_id
-    cache = model.init_cache(memory, src_mask, max_new_tokens)
-    out = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=memory.device)  # [B, N]
-    token = torch.full((b, 1), bos_id, dtype=torch.long, device=memory.device)  # [B, 1]
-    fed = torch.ones(b, 1, dtype=torch.bool, device=memory.device)  # [B, 1]
-    done = torch.zeros(b, dtype=torch.bool, device=memory.device)  # [B]
-    steps = 0
-    while steps < max_new_tokens and not bool(done.all()):
+    b, device = memory.shape[0], memory.device
+    fed = torch.ones(b, 1, dtype=torch.bool, device=device)  # [B, 1]
+
+    def decode_step(token: torch.Tensor, cache: dict, steps: int) -> tuple[torch.Tensor, dict]:
         logits, cache = model.decode(token, None, tgt_mask=fed, cache=cache)  # [B, 1, V]
-        chosen = next_token(_at_least_float32(logits[:, -1]), temperature, top_k, top_p, generator)  # [B]
-        chosen = chosen.masked_fill(done, pad_id)  # [B]
-        out[:, steps] = chosen
-        done |= chosen == eos_id
-        token, steps = chosen[:, None], steps + 1  # [B, 1]
-    return out[:, :steps]  # [B, n]
+        return logits[:, -1], cache  # [B, V]
+
+    out = torch.full((b, max_new_tokens), model.cfg.pad_id, dtype=torch.long, device=device)  # [B, N]
+    token = torch.full((b, 1), bos_id, dtype=torch.long, device=device)  # [B, 1]
+    done = torch.zeros(b, dtype=torch.bool, device=device)  # [B]
+    cache = model.init_cache(memory, src_mask, max_new_tokens)
+    return _sample_loop(decode_step, _chooser(temperature, top_k, top_p, generator), 0, out, token, cache, done,
+                        max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=model.cfg.pad_id)
+
+
+def sample_continuation(model: DecoderOnly, prompt: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
+                        bos_id: int, eos_id: int, temperature: float, top_k: int, top_p: float,
+                        generator: torch.Generator | None) -> torch.Tensor:
+    """Greedy or sampled continuations (B, n) of prompt (B, P) with padding mask (B, P).
+
+    One cached call reads BOS + the prompt (each row's real tokens at positions 0..; padding repeats the
+    last position and is masked), then one step per token, each row at its own next position.
+    """
+    (b, p), device, pad_id = prompt.shape, prompt.device, model.cfg.pad_id
+    block = torch.cat([prompt.new_full((b, 1), bos_id), prompt], 1)  # [B, 1 + P]
+    block_mask = torch.cat([prompt_mask.new_ones(b, 1), prompt_mask], 1)  # [B, 1 + P]
+    positions = block_mask.long().cumsum(1) - 1  # [B, 1 + P]
+    cache = model.init_cache(b, p + max_new_tokens)
+    logits, cache = model.decode(block, block_mask, cache, tgt_positions=positions)  # [B, 1 + P, V]
+    last = positions.argmax(1)  # [B]: each row's last real token (padding repeats its position)
+    logits = logits[torch.arange(b, device=device), last]  # [B, V]
+    fed = torch.ones(b, 1, dtype=torch.bool, device=device)  # [B, 1]
+
+    def decode_step(token: torch.Tensor, cache: dict, steps: int) -> tuple[torch.Tensor, dict]:
+        logits, cache = model.decode(token, fed, cache, tgt_positions=positions[:, -1:] + steps)  # [B, 1, V]
+        return logits[:, -1], cache  # [B, V]
+
+    choose = _chooser(temperature, top_k, top_p, generator)
+    out = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [B, N]
+    out, token, done = _pick(choose, logits, 0, out, torch.zeros(b, dtype=torch.bool, device=device),
+                             eos_id=eos_id, pad_id=pad_id)  # token [B, 1]
+    return _sample_loop(decode_step, choose, 1, out, token, cache, done, max_new_tokens=max_new_tokens,
+                        eos_id=eos_id, pad_id=pad_id)
 
 
 def beam_search(model: Transformer, memory: torch.Tensor, src_mask: torch.Tensor, *, max_new_tokens: int,
@@ -172,6 +212,31 @@ def cross_attention_weights(model: Transformer, src: torch.Tensor, tgt: torch.Te
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _chooser(temperature: float, top_k: int, top_p: float, generator: torch.Generator | None):
+    """choose(logits (B, V), steps) -> the token ids (B,) of output column `steps` (next_token's rule)."""
+    return lambda logits, steps: next_token(_at_least_float32(logits), temperature, top_k, top_p, generator)
+
+
+def _pick(choose, logits: torch.Tensor, steps: int, out: torch.Tensor, done: torch.Tensor, *, eos_id: int,
+          pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Output column `steps` of out (B, N) chosen from logits (B, V) (pad in finished rows) -> (out, token (B, 1),
+    done)."""
+    chosen = choose(logits, steps).masked_fill(done, pad_id)  # [B]
+    out[:, steps] = chosen
+    return out, chosen[:, None], done | (chosen == eos_id)  # token [B, 1]
+
+
+def _sample_loop(decode_step, choose, steps: int, out: torch.Tensor, token: torch.Tensor, cache: dict,
+                 done: torch.Tensor, *, max_new_tokens: int, eos_id: int, pad_id: int) -> torch.Tensor:
+    """From column `steps` on: decode_step(token (B, 1), cache, steps) -> (logits (B, V), cache), pick the next
+    column, until max_new_tokens columns or every row has finished -> out[:, :n] (B, n)."""
+    while steps < max_new_tokens and not bool(done.all()):
+        logits, cache = decode_step(token, cache, steps)  # [B, V]
+        out, token, done = _pick(choose, logits, steps, out, done, eos_id=eos_id, pad_id=pad_id)  # token [B, 1]
+        steps += 1
+    return out[:, :steps]  # [B, n]
 
 
 def _top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
