@@ -1,8 +1,9 @@
 """The cross-framework parity suite: weights from one twin, converted into the other, same function.
 
 Every example converts weights out of one twin's own initializer into the other twin, runs both on
-the same batch and compares encoder memory, logits and every parameter's gradient (float64 <= 1e-10,
-float32 <= 1e-5 relative; bfloat16 forward <= 2e-2).
+the same batch and compares the outputs of its arch (seq2seq: encoder memory and logits; encoder-only:
+hidden states and class logits; decoder-only: logits) and every parameter's gradient (float64 <= 1e-10,
+float32 <= 1e-5 relative; bfloat16 forward <= 2e-2). Batches are plain or packed (segment ids).
 """
 
 from __future__ import annotations
@@ -28,19 +29,21 @@ def _assert_all_pass(rows: list[suite.Check]) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@given(data=st.data(), cfg=configs(), source=st.sampled_from(suite.TWINS),
-       dtype=st.sampled_from(["float64", "float32"]), seed=st.integers(0, 2**31 - 1))
-def test_twins_compute_the_same_function(device, data, cfg, source, dtype, seed):
-    batch = data.draw(inputs(cfg))
+@given(data=st.data(), cfg=configs(archs=suite.ARCHS), source=st.sampled_from(suite.TWINS),
+       dtype=st.sampled_from(["float64", "float32"]), seed=st.integers(0, 2**31 - 1), packed=st.booleans())
+def test_twins_compute_the_same_function(device, data, cfg, source, dtype, seed, packed):
+    batch = data.draw(inputs(cfg, packed=packed))
     weights = suite.init_canonical(cfg, source, seed)
     rows = suite.compare_twins(cfg, weights, batch, dtype, source, device)
-    assert len(rows) == 3
+    outputs = len(suite.OUTPUTS[cfg.arch]) - (cfg.arch == "encoder" and cfg.num_classes is None)
+    assert len(rows) == outputs + 1
     _assert_all_pass(rows)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=10)
-@given(data=st.data(), cfg=configs(), source=st.sampled_from(suite.TWINS), seed=st.integers(0, 2**31 - 1))
+@given(data=st.data(), cfg=configs(archs=suite.ARCHS), source=st.sampled_from(suite.TWINS),
+       seed=st.integers(0, 2**31 - 1))
 def test_bfloat16_forward(device, data, cfg, source, seed):
     batch = data.draw(inputs(cfg, allow_empty_source=False))
     _assert_all_pass(suite.compare_twins(cfg, suite.init_canonical(cfg, source, seed), batch, "bfloat16",
@@ -48,10 +51,10 @@ def test_bfloat16_forward(device, data, cfg, source, seed):
 
 
 @settings(max_examples=50)
-@given(cfg=configs(), seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from(["float32", "float64"]))
+@given(cfg=configs(archs=suite.ARCHS), seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from(["float32", "float64"]))
 def test_round_trips_are_lossless(cfg, seed, dtype):
     torch.manual_seed(seed)
-    model = torch_tx.Transformer(cfg).to(getattr(torch, dtype))
+    model = torch_tx.model_for(cfg).to(getattr(torch, dtype))
     state_dict = model.state_dict()
     back = convert.flax_to_torch(convert.torch_to_flax(state_dict, cfg), cfg)
     assert list(back) == list(state_dict)
@@ -59,8 +62,7 @@ def test_round_trips_are_lossless(cfg, seed, dtype):
         assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
     model.load_state_dict(back, strict=True)
 
-    params = jax_tx.Transformer(cfg).init(jax.random.key(seed), np.ones((1, 1), np.int32),
-                                          np.ones((1, 1), np.int32))["params"]
+    params = jax_tx.model_for(cfg).init(jax.random.key(seed), *_dummy_ids(cfg))["params"]
     params_back = convert.torch_to_flax(convert.flax_to_torch(params, cfg), cfg)
     flat, flat_back = (jax.tree_util.tree_flatten_with_path(p) for p in (params, params_back))
     assert [path for path, _ in flat[0]] == [path for path, _ in flat_back[0]]
@@ -69,18 +71,22 @@ def test_round_trips_are_lossless(cfg, seed, dtype):
 
 
 @settings(max_examples=30)
-@given(cfg=configs())
+@given(cfg=configs(archs=suite.ARCHS))
 def test_key_sets_and_shapes_match_the_canonical_names(cfg):
     from parity.names import canonical_shapes
 
     expected = canonical_shapes(cfg)
-    state_dict = torch_tx.Transformer(cfg).state_dict()
+    state_dict = torch_tx.model_for(cfg).state_dict()
     assert {k: tuple(v.shape) for k, v in state_dict.items()} == expected
-    shapes = jax.eval_shape(jax_tx.Transformer(cfg).init, jax.random.key(0), np.ones((1, 1), np.int32),
-                            np.ones((1, 1), np.int32))["params"]
+    shapes = jax.eval_shape(jax_tx.model_for(cfg).init, jax.random.key(0), *_dummy_ids(cfg))["params"]
     flat = {"/".join(k.key for k in path): tuple(v.shape)
             for path, v in jax.tree_util.tree_flatten_with_path(shapes)[0]}
     key_map = convert.flax_key_map(cfg)
     assert set(flat) == {"/".join(p) for p in key_map}
     for path, (key, transpose) in key_map.items():
         assert flat["/".join(path)] == (expected[key][::-1] if transpose else expected[key])
+
+
+def _dummy_ids(cfg) -> list[np.ndarray]:
+    """The ids a model of cfg.arch is initialised with: (src, tgt) for seq2seq, one array otherwise."""
+    return [np.ones((1, 1), np.int32)] * (2 if cfg.arch == "seq2seq" else 1)
