@@ -330,7 +330,8 @@ def round_trip_checks(cfg: TransformerConfig, weights: Mapping[str, np.ndarray])
 
 def compare_nn_transformer(cfg: TransformerConfig, module, weights: Mapping[str, np.ndarray], inputs: Inputs,
                            rng: np.random.Generator) -> Check:
-    """torch.nn.Transformer `module` against the torch twin's stacks on canonical `weights`, float64.
+    """torch.nn.Transformer `module` against the torch twin's stacks on canonical `weights`, float64
+    (arch 'encoder': torch.nn.TransformerEncoder against EncoderOnly's encoder).
 
     The same random embedded inputs (B, S, D) / (B, T, D) and masks go through both; nn.Transformer's
     masks are True = ignore. Its fast path is turned off for the comparison (it zeroes padded rows).
@@ -340,7 +341,7 @@ def compare_nn_transformer(cfg: TransformerConfig, module, weights: Mapping[str,
     import torch_tx
     from parity.convert import to_torch
 
-    model = torch_tx.Transformer(cfg).double().eval()
+    model = torch_tx.model_for(cfg).double().eval()
     model.load_state_dict({k: to_torch(np.asarray(v, dtype=np.float64)) for k, v in weights.items()}, strict=True)
     module = module.double().eval()
     b, s, t = inputs.src.shape + inputs.tgt.shape[1:]
@@ -351,10 +352,15 @@ def compare_nn_transformer(cfg: TransformerConfig, module, weights: Mapping[str,
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         with torch.no_grad():
+            cross = torch_tx.masks.key_mask(src_mask)  # [B, 1, 1, S]
+            if cfg.arch == "encoder":
+                ref = module(x, src_key_padding_mask=~src_mask)  # [B, S, D]
+                got = model.encoder(x, cross)  # [B, S, D]
+                return Check("nn.TransformerEncoder->torch encoder", "float64", *errors(got.numpy(), ref.numpy()),
+                             TOLERANCES["float64"])
             causal = torch.ones(t, t, dtype=torch.bool).triu(1)  # [T, T], True = masked
             ref = module(x, y, tgt_mask=causal, src_key_padding_mask=~src_mask, tgt_key_padding_mask=~tgt_mask,
                          memory_key_padding_mask=~src_mask)  # [B, T, D]
-            cross = torch_tx.masks.key_mask(src_mask)  # [B, 1, 1, S]
             memory = model.encoder(x, cross)  # [B, S, D]
             got = model.decoder(y, memory, torch_tx.masks.decoder_self_mask(tgt_mask), cross)  # [B, T, D]
     finally:
