@@ -41,6 +41,14 @@ def _setup_jax(device: str) -> None:
     jax.config.update("jax_enable_x64", True)
 
 
+def config_label(cfg) -> str:
+    """A config in a table row: arch, width, heads, layers (encoder/decoder for seq2seq) and classes."""
+    layers = {"seq2seq": f"{cfg.num_encoder_layers}/{cfg.num_decoder_layers}", "encoder": cfg.num_encoder_layers,
+              "decoder": cfg.num_decoder_layers}[cfg.arch]
+    classes = f" C={cfg.num_classes}" if cfg.num_classes is not None else ""
+    return f"{cfg.arch} d={cfg.d_model} h={cfg.num_heads} L={layers}{classes}"
+
+
 def cmd_parity(args: argparse.Namespace) -> int:
     _setup_jax(args.device)
     from parity import suite
@@ -70,7 +78,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
     for name, cfg, weights, source in jobs:
         length = min(cfg.max_len, args.length)
         inputs = suite.random_inputs(cfg, args.batch, length, length, rng, empty_source_row=args.batch > 1)
-        label = f"{name} d={cfg.d_model} h={cfg.num_heads} L={cfg.num_encoder_layers}/{cfg.num_decoder_layers}"
+        label = f"{name} {config_label(cfg)}"
         for dtype in dtypes:
             rows += [(label, c) for c in suite.compare_twins(cfg, weights, inputs, dtype, source, args.device)]
         if source == "torch":
@@ -238,8 +246,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from parity.verify import verify
 
     rows = verify(args.dst, args.to, loaded.cfg, weights, seed=args.seed, device=args.device)
-    label = f"{args.dst} d={loaded.cfg.d_model} h={loaded.cfg.num_heads} " \
-            f"L={loaded.cfg.num_encoder_layers}/{loaded.cfg.num_decoder_layers}"
+    label = f"{args.dst} {config_label(loaded.cfg)}"
     return 1 if print_table([(label, r) for r in rows], f"twin convert --verify ({args.to}, {args.device})") else 0
 
 
@@ -277,11 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(prog="twin", description="One Transformer, two frameworks.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("parity", help="check that the PyTorch and Flax twins compute the same function")
+    p = sub.add_parser("parity", help="check that the PyTorch and Flax twins compute the same function",
+                       description="Run both twins on the same weights and inputs and compare outputs and gradients: "
+                       "on CHECKPOINT (any arch: seq2seq, encoder, decoder), or on random configs of all three archs.")
     p.add_argument("run_dir", nargs="?", metavar="CHECKPOINT", help="a run directory, or any checkpoint twin "
                    "convert reads (safetensors, .pt, orbax, msgpack, nn.Transformer); random configs when omitted")
     p.add_argument("--config", metavar="CONFIG", help="config.json for a CHECKPOINT that carries none")
-    p.add_argument("--configs", type=int, default=4, help="number of random configs (default 4)")
+    p.add_argument("--configs", type=int, default=4, help="number of random configs, each of a random arch "
+                   "(default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtypes", default="float32,float64", help="comma-separated: float32,float64,bfloat16")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -353,13 +363,16 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("convert", help="convert a checkpoint between safetensors, PyTorch, Flax (orbax/msgpack) and "
                        "torch.nn.Transformer", description="Read SRC (detected: a canonical .safetensors, a PyTorch "
                        ".pt/.bin state dict, flax msgpack, an orbax checkpoint directory, a torch.nn.Transformer "
-                       "state dict, or a directory with config.json and one of these) and write it as --to. DST "
+                       "or nn.TransformerEncoder state dict, or a directory with config.json and one of these) of "
+                       "any arch (seq2seq, encoder, decoder: the config's arch) and write it as --to. DST "
                        "ending in .safetensors/.pt/.pth/.bin/.msgpack is a file; otherwise a directory with "
                        "config.json (for flax: an orbax checkpoint). Pickles are read with "
                        "torch.load(weights_only=True) only; writes are atomic.")
     v.add_argument("src", metavar="SRC")
     v.add_argument("dst", metavar="DST")
-    v.add_argument("--to", required=True, choices=("torch", "flax", "safetensors", "nn-transformer"))
+    v.add_argument("--to", required=True, choices=("torch", "flax", "safetensors", "nn-transformer"),
+                   help="nn-transformer: torch.nn.Transformer names (nn.TransformerEncoder's for an encoder; "
+                   "not for a decoder-only model)")
     v.add_argument("--verify", action="store_true", help="load DST with the target framework and run the parity "
                    "checks of twin parity on it")
     v.add_argument("--force", action="store_true", help="replace an existing DST")

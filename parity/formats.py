@@ -13,8 +13,11 @@ Containers and the names inside them:
 
 A directory with `config.json` and one weights file reads as that file with that config. Targets
 (`twin convert --to`): `safetensors`, `torch`, `nn-transformer` (nn.Transformer names, with the
-embeddings and output layer beside them under their canonical names) and `flax` (orbax, or msgpack
-when DST ends in `.msgpack`). A DST without a weights suffix is a directory: config.json plus the
+embeddings and output layer beside them under their canonical names; for an encoder checkpoint
+nn.TransformerEncoder names, with `src_embed` and the classification head beside them; a decoder-only
+checkpoint has no torch.nn counterpart) and `flax` (orbax, or msgpack when DST ends in `.msgpack`).
+The config, with its `arch` and `num_classes`, travels in the safetensors metadata, the orbax metadata
+and config.json. A DST without a weights suffix is a directory: config.json plus the
 weights (`DIR_FILES`; for flax the directory is the orbax checkpoint).
 
 Every failure is a FormatError whose one-line message names the file, and the key with expected and
@@ -36,15 +39,15 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
 from parity.checkpoint import CONFIG_FILE, CheckpointError, _umask, atomic_write_bytes, read_config
 from parity.config import TransformerConfig
 from parity.convert import (OUTSIDE_STACKS, ConversionError, aliases, canonical_to_flax, check_canonical,
-                            check_ties, contiguous, flax_to_canonical, from_nn_state_dict, to_nn_state_dict,
-                            to_numpy)
+                            check_ties, contiguous, flax_key_map, flax_to_canonical, from_nn_state_dict,
+                            to_nn_state_dict, to_numpy)
 from parity.names import canonical_shapes
 
 WEIGHT_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -92,8 +95,10 @@ class Loaded:
     def describe(self) -> str:
         dtypes = sorted({str(a.dtype) for a in self.weights.values()})
         size = sum(a.nbytes for k, a in self.weights.items() if k not in aliases(self.cfg))
-        return (f"{self.path}: {self.container} ({self.names} names), {len(self.weights)} tensors, "
-                f"{'/'.join(dtypes)}, {size / 1e6:,.1f} MB, config from {self.config_source}")
+        head = f" ({self.cfg.num_classes} classes)" if self.cfg.num_classes is not None else ""
+        return (f"{self.path}: {self.container} ({self.names} names), {self.cfg.arch}{head}, "
+                f"{len(self.weights)} tensors, {'/'.join(dtypes)}, {size / 1e6:,.1f} MB, "
+                f"config from {self.config_source}")
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -450,19 +455,43 @@ def _check_dtypes(items: Iterator[tuple[str, Any]], path: Path, allow_nonfinite:
                 raise _fail(path, f"{key!r} has {bad} NaN/Inf value(s) (pass --allow-nonfinite to convert anyway)")
 
 
-# (key in the file's own names, axis holding the vocabulary, config field)
+# (key in the file's own names, axis holding the vocabulary or classes, config field)
 _VOCAB_KEYS = (("src_embed.weight", 0, "src_vocab_size"), ("tgt_embed.weight", 0, "tgt_vocab_size"),
                ("generator.weight", 0, "tgt_vocab_size"), ("generator.bias", 0, "tgt_vocab_size"),
+               ("classifier.weight", 0, "num_classes"), ("classifier.bias", 0, "num_classes"),
                ("src_embed/embedding", 0, "src_vocab_size"), ("tgt_embed/embedding", 0, "tgt_vocab_size"),
-               ("generator/kernel", 1, "tgt_vocab_size"), ("generator/bias", 0, "tgt_vocab_size"))
+               ("generator/kernel", 1, "tgt_vocab_size"), ("generator/bias", 0, "tgt_vocab_size"),
+               ("classifier/kernel", 1, "num_classes"), ("classifier/bias", 0, "num_classes"))
 
 
 def _check_vocab(flat_shapes: Mapping[str, tuple[int, ...]], cfg: TransformerConfig, path: Path) -> None:
+    """The config's vocabulary sizes and num_classes against the weights that hold them (the arch's own keys)."""
+    own = set(canonical_shapes(cfg)) | {"/".join(p) for p in flax_key_map(cfg)}
     for key, axis, name in _VOCAB_KEYS:
         shape = flat_shapes.get(key)
-        if shape is not None and len(shape) > axis and shape[axis] != getattr(cfg, name):
+        if key in own and shape is not None and len(shape) > axis and shape[axis] != getattr(cfg, name):
             raise _fail(path, f"the config's {name} is {getattr(cfg, name)} but {key!r} has shape "
                         f"{tuple(shape)} ({shape[axis]} entries)")
+
+
+def guess_arch(keys: Iterable[str]) -> str | None:
+    """The arch that weights with these keys (canonical, Flax or torch.nn names) belong to, by their stacks."""
+    tops = {re.split(r"[./]", k, maxsplit=1)[0] for k in keys}
+    encoder, decoder = bool(tops & {"encoder", "layers"}), "decoder" in tops
+    return "seq2seq" if encoder and decoder else "encoder" if encoder else "decoder" if decoder else None
+
+
+def _arch_hint(keys: Iterable[str], cfg: TransformerConfig) -> str:
+    """Why weights may not match the config's arch, or ''."""
+    keys = list(keys)
+    guess = guess_arch(keys)
+    if guess is not None and guess != cfg.arch:
+        return f" (the config's arch is {cfg.arch!r}; the weights look like arch {guess!r})"
+    if cfg.arch == "decoder" and any("cross_attn" in k for k in keys):
+        return " (arch 'decoder' has no cross-attention: the weights look like the decoder of a seq2seq model)"
+    if cfg.arch == "encoder" and cfg.num_classes is None and any(k.startswith("classifier") for k in keys):
+        return " (the weights have a classification head: the config needs num_classes)"
+    return ""
 
 
 def read_checkpoint(src: str | os.PathLike, config: str | os.PathLike | TransformerConfig | None = None,
@@ -495,10 +524,11 @@ def read_checkpoint(src: str | os.PathLike, config: str | os.PathLike | Transfor
         _check_dtypes(_flat_items(tree), path, allow_nonfinite)
         _check_vocab({k: np.shape(v) for k, v in _flat_items(tree)}, cfg, path)
         names = "flax"
+        keys = [k for k, _ in _flat_items(tree)]
         try:
             weights = flax_to_canonical(tree, cfg, consume=True)
         except ConversionError as e:
-            raise _fail(path, str(e)) from None
+            raise _fail(path, f"{e}{_arch_hint(keys, cfg)}") from None
     else:
         _check_dtypes(iter(raw.items()), path, allow_nonfinite)
         nn_names = any(k.endswith("in_proj_weight") for k in raw)
@@ -509,10 +539,12 @@ def read_checkpoint(src: str | os.PathLike, config: str | os.PathLike | Transfor
             check_canonical(weights, cfg)
             check_ties(weights, cfg)
         except ConversionError as e:
-            if nn_names and "missing key" in str(e):
-                e = ConversionError(f"{e} (nn.Transformer has no embeddings or output layer: save them beside "
-                                    "its state dict under these canonical names)")
-            raise _fail(path, str(e)) from None
+            hint = _arch_hint(raw, cfg)
+            if not hint and nn_names and "missing key" in str(e):
+                hint = (" (nn.TransformerEncoder has no embedding or classification head" if cfg.arch == "encoder"
+                        else " (nn.Transformer has no embeddings or output layer") + \
+                    ": save them beside its state dict under these canonical names)"
+            raise _fail(path, f"{e}{hint}") from None
         weights = {k: weights[k] for k in canonical_shapes(cfg)}
     parent = path if path.is_dir() else path.parent
     companions = [parent / n for n in COMPANIONS if src.is_dir() and (parent / n).is_file()]
@@ -712,6 +744,10 @@ def write_checkpoint(dst: str | os.PathLike, target: str, cfg: TransformerConfig
     """Write canonical weights as `target` at `dst` (a file by suffix, else a directory), atomically."""
     dst = Path(dst)
     container, is_file = check_destination(dst, target, force)
+    if target == "nn-transformer" and cfg.arch == "decoder":
+        raise FormatError(f"{dst}: --to nn-transformer needs arch 'seq2seq' (nn.Transformer) or 'encoder' "
+                          "(nn.TransformerEncoder); a decoder-only model has no torch.nn counterpart "
+                          "(nn.TransformerDecoder layers always have cross-attention)")
     check_canonical(weights, cfg)
     tmp = _temp_name(dst)
     try:

@@ -24,9 +24,10 @@ def load_native(dst: str | Path, target: str, cfg: TransformerConfig) -> tuple[d
     """(canonical weights, the loaded model or variables), read the way a user of the target would.
 
     torch / safetensors: `torch.load(weights_only=True)` or `safetensors.torch.load_file`, then
-    `torch_tx.Transformer(cfg).load_state_dict(strict=True)`; nn-transformer: the same file into
-    `torch.nn.Transformer.load_state_dict(strict=True)`; flax: orbax `StandardCheckpointer.restore` or
-    `flax.serialization.from_bytes` into the structure of `jax_tx.Transformer(cfg).init`.
+    `torch_tx.model_for(cfg).load_state_dict(strict=True)` (Transformer, EncoderOnly or DecoderOnly);
+    nn-transformer: the same file into `torch.nn.Transformer` (`nn.TransformerEncoder` for an encoder)
+    `.load_state_dict(strict=True)`; flax: orbax `StandardCheckpointer.restore` or
+    `flax.serialization.from_bytes` into the structure of `jax_tx.model_for(cfg).init`.
     """
     container, path = _weights_file(Path(dst), target)
     if target == "flax":
@@ -35,15 +36,16 @@ def load_native(dst: str | Path, target: str, cfg: TransformerConfig) -> tuple[d
 
         import jax_tx
 
+        model = jax_tx.model_for(cfg)
         dummy = jnp.ones((1, 1), dtype=jnp.int32)
-        template = jax.eval_shape(jax_tx.Transformer(cfg).init, jax.random.key(0), dummy, dummy)
+        template = jax.eval_shape(model.init, jax.random.key(0), *[dummy] * (2 if cfg.arch == "seq2seq" else 1))
         if container == "orbax":
             import orbax.checkpoint as ocp
 
             with quiet_orbax(), ocp.StandardCheckpointer() as checkpointer:
                 variables = checkpointer.restore(path.resolve())
             if jax.tree_util.tree_structure(variables) != jax.tree_util.tree_structure(template):
-                raise ValueError(f"{path}: the restored tree is not jax_tx.Transformer's variables")
+                raise ValueError(f"{path}: the restored tree is not jax_tx.{type(model).__name__}'s variables")
         else:
             from flax import serialization
 
@@ -61,15 +63,15 @@ def load_native(dst: str | Path, target: str, cfg: TransformerConfig) -> tuple[d
     else:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     if target == "nn-transformer":
-        from parity.convert import build_nn_transformer
+        from parity.convert import build_nn
 
-        module = build_nn_transformer(cfg.replace(dropout=0.0)).double()
+        module = build_nn(cfg.replace(dropout=0.0)).double()
         module.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith(OUTSIDE_STACKS)},
                                strict=True)
         return from_nn_state_dict(state_dict, cfg), module
     import torch_tx
 
-    model = torch_tx.Transformer(cfg).double()
+    model = torch_tx.model_for(cfg).double()
     model.load_state_dict(state_dict, strict=True)
     return {k: to_numpy(v) for k, v in state_dict.items()}, model
 
@@ -77,7 +79,7 @@ def load_native(dst: str | Path, target: str, cfg: TransformerConfig) -> tuple[d
 def verify(dst: str | Path, target: str, cfg: TransformerConfig, expected: Mapping[str, np.ndarray],
            seed: int = 0, device: str = "cpu") -> list[Check]:
     """Rows: DST reloads bit-exactly; the twins agree on it (float64, float32), source = the target's twin;
-    for nn-transformer also nn.Transformer against the torch twin's stacks."""
+    for nn-transformer also nn.Transformer (nn.TransformerEncoder) against the torch twin's stacks."""
     weights, loaded = load_native(dst, target, cfg)
     keys = [k for k in expected if k not in aliases(cfg)]
     exact = set(weights) >= set(keys) and all(

@@ -73,12 +73,36 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path, monkeypat
     assert os.listdir(tmp_path) == ["f.bin"]
 
 
-def test_twin_parity_on_random_configs(capsys):
-    assert cli.main(["parity", "--configs", "1", "--dtypes", "float64", "--seed", "3"]) == 0
+def test_twin_parity_on_random_configs_of_every_arch(capsys):
+    """Seed 0 draws an encoder, a decoder and a seq2seq config; each row's label names the arch."""
+    assert cli.main(["parity", "--configs", "3", "--dtypes", "float64", "--seed", "0", "--batch", "2",
+                     "--length", "4"]) == 0
     out = capsys.readouterr().out
-    for what in ("torch->jax memory", "jax->torch logits", "grads", "round trip"):
+    for label in ("random #0 encoder d=", "random #1 decoder d=", "random #2 seq2seq d="):
+        assert label in out
+    for what in ("torch->jax memory", "jax->torch logits", "torch->jax hidden", "grads", "round trip"):
         assert what in out
-    assert "0 failed" in out
+    assert " 0 failed" in out
+
+
+@pytest.mark.parametrize("arch", ["encoder", "decoder"])
+def test_twin_parity_on_encoder_and_decoder_checkpoints(tmp_path, capsys, arch):
+    """A run directory of EncoderOnly (with a head), a safetensors file of DecoderOnly (config in its metadata)."""
+    from parity import formats
+
+    cfg = CFG.replace(dropout=0.0).for_arch(arch, 3 if arch == "encoder" else None)
+    torch.manual_seed(0)
+    weights = {k: v.numpy() for k, v in torch_tx.model_for(cfg).state_dict().items()}
+    if arch == "encoder":
+        path = checkpoint.save_checkpoint(tmp_path / "enc", cfg, weights)
+    else:
+        path = formats.write_checkpoint(tmp_path / "dec.safetensors", "safetensors", cfg, weights)
+    assert cli.main(["parity", str(path), "--dtypes", "float64"]) == 0
+    out = capsys.readouterr().out
+    label = "enc encoder d=8 h=2 L=1 C=3" if arch == "encoder" else "dec.safetensors decoder d=8 h=2 L=2"
+    assert label in out and " 0 failed" in out
+    outputs = ("hidden", "class_logits") if arch == "encoder" else ("logits",)
+    assert all(f"{d} {o}" in out for d in ("torch->jax", "jax->torch") for o in outputs)
 
 
 def test_twin_parity_on_a_checkpoint_directory(run_dir, capsys):
