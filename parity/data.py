@@ -1,16 +1,22 @@
-"""Sentence-pair corpora: the embedded English -> French number names, and the user's TSV/JSONL.
+"""Corpora for the three model families: sentence pairs (seq2seq), labelled texts (encoder), texts (decoder).
 
-A corpus is three lists of (source, target) strings, `train`, `valid` and `test`, disjoint by
-source text. Nothing here imports a framework.
+A corpus is three lists of examples, `train`, `valid` and `test`, disjoint by their first field (the
+source or the text). An example is a tuple of strings: (source, target) for seq2seq, (text, label) for
+the encoder's classifier, (text,) for the decoder's language model. Nothing here imports a framework.
 
-- builtin: `parity/data/numbers_en_fr.tsv.xz`, 200,000 numbers sampled from 0..999,999 with their
-  English and French names (num2words; `scripts/make_numbers_corpus.py` regenerates it). The file
-  is ordered by `number_rank`; the first 2,000 rows are the test split, the next 2,000 validation,
-  the rest training.
-- a file: TSV (`source<TAB>target` per line) or JSONL (`{"src": ..., "tgt": ...}` per line), split
-  by a hash of the source text (about 2% test, 2% validation, at least one pair each when there
-  are three or more).
-- a directory: `train`, `valid` and `test` files, each `.tsv` or `.jsonl`.
+- builtin: `parity/data/numbers_en_fr.tsv.xz`, 200,000 numbers sampled from 0..999,999 (0 is not
+  among them) with their English and French names (num2words; `scripts/make_numbers_corpus.py`
+  regenerates it). The file is ordered by `number_rank`; the first 2,000 rows are the test split,
+  the next 2,000 validation, the rest training. Per arch:
+  - seq2seq: (English, French) pairs;
+  - encoder: each English and each French name labelled with the number's leading digit, "1".."9"
+    (the split's numbers in both languages: 392,000 / 4,000 / 4,000 examples);
+  - decoder: one line per number, "English = French" (prompted with "English =", the model translates).
+- a file: seq2seq: TSV (`source<TAB>target` per line) or JSONL (`{"src": ..., "tgt": ...}`); encoder:
+  TSV (`text<TAB>label`) or JSONL (`{"text": ..., "label": ...}`); decoder: plain text (one text per
+  line) or JSONL (`{"text": ...}`). Split by a hash of the first field (about 2% test, 2% validation,
+  at least one example each when there are three or more).
+- a directory: `train`, `valid` and `test` files, each in one of the arch's formats (.tsv, .txt, .jsonl).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import lzma
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 NUMBERS_FILE = Path(__file__).resolve().parent / "data" / "numbers_en_fr.tsv.xz"
 BUILTIN = "builtin"
@@ -28,8 +35,12 @@ BUILTIN_TEST = 2_000
 BUILTIN_VALID = 2_000
 HELD_OUT_PERCENT = 2
 SPLITS = ("train", "valid", "test")
+FIELDS = {"seq2seq": ("src", "tgt"), "encoder": ("text", "label"), "decoder": ("text",)}
+EXTENSIONS = {"seq2seq": (".tsv", ".jsonl"), "encoder": (".tsv", ".jsonl"), "decoder": (".txt", ".jsonl")}
+FIELD_NAMES = {"src": "source", "tgt": "target", "text": "text", "label": "label"}
 
 Pair = tuple[str, str]
+Example = tuple[str, ...]
 
 
 class DataError(ValueError):
@@ -43,63 +54,111 @@ def number_rank(n: int) -> bytes:
 
 @dataclass(frozen=True)
 class Corpus:
-    """Disjoint train/valid/test sentence pairs and where they came from."""
+    """Disjoint train/valid/test examples of one arch, where they came from, and the class names (encoder)."""
 
     name: str
-    train: list[Pair]
-    valid: list[Pair]
-    test: list[Pair]
+    train: list[Example]
+    valid: list[Example]
+    test: list[Example]
+    arch: str = "seq2seq"
+    labels: tuple[str, ...] | None = None
 
-    def split(self, name: str) -> list[Pair]:
+    def split(self, name: str) -> list[Example]:
         if name not in SPLITS:
             raise DataError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
         return getattr(self, name)
 
+    def texts(self) -> Iterator[str]:
+        """The training texts a tokenizer learns from: both sides of pairs, never the labels."""
+        for example in self.train:
+            yield from example[:1] if self.arch == "encoder" else example
+
     def fingerprint(self) -> str:
-        """SHA-256 of the training pairs: a resumed run checks that it sees the same data."""
+        """SHA-256 of the training examples: a resumed run checks that it sees the same data."""
         digest = hashlib.sha256()
-        for src, tgt in self.train:
-            digest.update(f"{src}\t{tgt}\n".encode())
+        for example in self.train:
+            digest.update(("\t".join(example) + "\n").encode())
         return digest.hexdigest()
 
 
-def load_corpus(data: str | os.PathLike, *, limit: int | None = None) -> Corpus:
-    """`builtin`, a TSV/JSONL file or a directory of split files. `limit` caps the training pairs."""
+def load_corpus(data: str | os.PathLike, *, limit: int | None = None, arch: str = "seq2seq") -> Corpus:
+    """`builtin`, a file or a directory of split files, for `arch`. `limit` caps the training examples."""
+    if arch not in FIELDS:
+        raise DataError(f"unknown arch {arch!r}; expected one of {', '.join(FIELDS)}")
     if str(data) == BUILTIN:
-        corpus = _builtin()
+        corpus = _builtin(arch)
     else:
         path = Path(data)
         if path.is_dir():
-            corpus = Corpus(str(path), *(_read_split(path, name) for name in SPLITS))
+            corpus = Corpus(str(path), *(_read_split(path, name, arch) for name in SPLITS), arch=arch)
         elif path.is_file():
-            corpus = _split_by_hash(str(path), read_pairs(path))
+            corpus = _split_by_hash(str(path), read_examples(path, FIELDS[arch]), arch)
         else:
-            raise DataError(f"{path}: no such file or directory (expected '{BUILTIN}', a .tsv/.jsonl file or a "
+            formats = "/".join(EXTENSIONS[arch])
+            raise DataError(f"{path}: no such file or directory (expected '{BUILTIN}', a {formats} file or a "
                             f"directory with train/valid/test files)")
     if limit is not None:
-        corpus = Corpus(corpus.name, corpus.train[:limit], corpus.valid, corpus.test)
+        corpus = Corpus(corpus.name, corpus.train[:limit], corpus.valid, corpus.test, arch, corpus.labels)
     for name in SPLITS:
         if not corpus.split(name):
-            raise DataError(f"{corpus.name}: the {name} split is empty; need at least one sentence pair in each split")
-    return corpus
+            raise DataError(f"{corpus.name}: the {name} split is empty; need at least one example in each split")
+    return _with_labels(corpus) if arch == "encoder" else corpus
 
 
-def _builtin() -> Corpus:
-    rows = lzma.decompress(NUMBERS_FILE.read_bytes()).decode().splitlines()
-    pairs = [tuple(row.split("\t")[1:]) for row in rows]
+def leading_digit(number: int) -> str:
+    """The builtin classification label: the first digit of a positive number, "1".."9"."""
+    return str(number)[0]
+
+
+def _builtin(arch: str) -> Corpus:
+    rows = [row.split("\t") for row in lzma.decompress(NUMBERS_FILE.read_bytes()).decode().splitlines()]
+    if arch == "seq2seq":
+        examples = [[(en, fr)] for _, en, fr in rows]
+    elif arch == "encoder":
+        examples = [[(en, leading_digit(int(n))), (fr, leading_digit(int(n)))] for n, en, fr in rows]
+    else:
+        examples = [[(f"{en} = {fr}",)] for _, en, fr in rows]
     held_out = BUILTIN_TEST + BUILTIN_VALID
-    return Corpus(BUILTIN, pairs[held_out:], pairs[BUILTIN_TEST:held_out], pairs[:BUILTIN_TEST])
+
+    def flat(part: list[list[Example]]) -> list[Example]:
+        return [example for group in part for example in group]
+
+    return Corpus(BUILTIN, flat(examples[held_out:]), flat(examples[BUILTIN_TEST:held_out]),
+                  flat(examples[:BUILTIN_TEST]), arch)
 
 
-def _read_split(directory: Path, name: str) -> list[Pair]:
-    found = [directory / f"{name}{ext}" for ext in (".tsv", ".jsonl") if (directory / f"{name}{ext}").is_file()]
+def _with_labels(corpus: Corpus) -> Corpus:
+    """The corpus with its class names: the training split's labels, sorted; held-out labels must be among them."""
+    labels = tuple(sorted({label for _, label in corpus.train}))
+    if len(labels) < 2:
+        raise DataError(f"{corpus.name}: a classifier needs at least 2 labels in the training split, found "
+                        f"{len(labels)}")
+    for name in ("valid", "test"):
+        unseen = sorted({label for _, label in corpus.split(name)} - set(labels))
+        if unseen:
+            raise DataError(f"{corpus.name}: the {name} split has labels the training split lacks: "
+                            f"{', '.join(map(repr, unseen[:5]))}")
+    return Corpus(corpus.name, corpus.train, corpus.valid, corpus.test, corpus.arch, labels)
+
+
+def _read_split(directory: Path, name: str, arch: str) -> list[Example]:
+    candidates = [directory / f"{name}{ext}" for ext in EXTENSIONS[arch]]
+    found = [path for path in candidates if path.is_file()]
     if len(found) != 1:
-        raise DataError(f"{directory}: expected exactly one of {name}.tsv, {name}.jsonl, found {len(found)}")
-    return read_pairs(found[0])
+        raise DataError(f"{directory}: expected exactly one of {', '.join(p.name for p in candidates)}, "
+                        f"found {len(found)}")
+    return read_examples(found[0], FIELDS[arch])
 
 
 def read_pairs(path: str | os.PathLike) -> list[Pair]:
     """Sentence pairs of a `.tsv` or `.jsonl` file (blank lines skipped); DataError names file and line."""
+    return read_examples(path, FIELDS["seq2seq"])
+
+
+def read_examples(path: str | os.PathLike, fields: tuple[str, ...]) -> list[Example]:
+    """Examples with `fields` of a `.jsonl` file (objects with exactly those keys), or else one per line:
+    tab-separated fields, or the whole line for a single field. Blank lines are skipped; DataError names
+    file and line."""
     path = Path(path)
     jsonl = path.suffix == ".jsonl"
     try:
@@ -108,54 +167,57 @@ def read_pairs(path: str | os.PathLike) -> list[Pair]:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-    pairs = []
+    examples = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        pair = _parse_jsonl(line) if jsonl else _parse_tsv(line)
-        if isinstance(pair, str):
-            raise DataError(f"{path}:{number}: {pair}")
-        pairs.append(pair)
-    if not pairs:
-        raise DataError(f"{path}: no sentence pairs")
-    return pairs
+        example = _parse_jsonl(line, fields) if jsonl else _parse_line(line, fields)
+        if isinstance(example, str):
+            raise DataError(f"{path}:{number}: {example}")
+        examples.append(example)
+    if not examples:
+        raise DataError(f"{path}: no {'sentence pairs' if fields == FIELDS['seq2seq'] else 'examples'}")
+    return examples
 
 
-def _parse_tsv(line: str) -> Pair | str:
-    fields = line.split("\t")
-    if len(fields) != 2:
-        return f"expected 2 tab-separated fields (source, target), found {len(fields)}"
-    return _checked(fields[0].strip(), fields[1].strip())
+def _parse_line(line: str, fields: tuple[str, ...]) -> Example | str:
+    values = line.split("\t") if len(fields) > 1 else [line]
+    if len(values) != len(fields):
+        names = ", ".join(FIELD_NAMES[f] for f in fields)
+        return f"expected {len(fields)} tab-separated fields ({names}), found {len(values)}"
+    return _checked([v.strip() for v in values], fields)
 
 
-def _parse_jsonl(line: str) -> Pair | str:
+def _parse_jsonl(line: str, fields: tuple[str, ...]) -> Example | str:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         return f"not valid JSON ({e.msg})"
-    if not isinstance(row, dict) or set(row) != {"src", "tgt"}:
-        return 'expected an object with exactly the keys "src" and "tgt"'
-    if not isinstance(row["src"], str) or not isinstance(row["tgt"], str):
-        return '"src" and "tgt" must be strings'
-    return _checked(row["src"].strip(), row["tgt"].strip())
+    quoted = [f'"{f}"' for f in fields]
+    if not isinstance(row, dict) or set(row) != set(fields):
+        keys = " and ".join(quoted)
+        return f"expected an object with exactly the key{'s' if len(fields) > 1 else ''} {keys}"
+    if not all(isinstance(row[f], str) for f in fields):
+        return f"{' and '.join(quoted)} must be strings" if len(fields) > 1 else f"{quoted[0]} must be a string"
+    return _checked([row[f].strip() for f in fields], fields)
 
 
-def _checked(src: str, tgt: str) -> Pair | str:
-    if not src or not tgt:
-        return "empty source or target"
-    return src, tgt
+def _checked(values: list[str], fields: tuple[str, ...]) -> Example | str:
+    if not all(values):
+        return f"empty {' or '.join(FIELD_NAMES[f] for f in fields)}"
+    return tuple(values)
 
 
-def _split_by_hash(name: str, pairs: list[Pair]) -> Corpus:
-    """Held-out splits by a hash of the source, so a repeated source never crosses splits."""
-    buckets: dict[str, list[Pair]] = {split: [] for split in SPLITS}
-    for pair in pairs:
-        bucket = int.from_bytes(hashlib.blake2b(pair[0].encode(), digest_size=8).digest(), "big") % 100
+def _split_by_hash(name: str, examples: list[Example], arch: str) -> Corpus:
+    """Held-out splits by a hash of the first field, so a repeated source or text never crosses splits."""
+    buckets: dict[str, list[Example]] = {split: [] for split in SPLITS}
+    for example in examples:
+        bucket = int.from_bytes(hashlib.blake2b(example[0].encode(), digest_size=8).digest(), "big") % 100
         split = "test" if bucket < HELD_OUT_PERCENT else "valid" if bucket < 2 * HELD_OUT_PERCENT else "train"
-        buckets[split].append(pair)
+        buckets[split].append(example)
     for split in ("test", "valid"):
         if not buckets[split] and len(buckets["train"]) > 1:
-            source = buckets["train"][-1][0]
-            buckets[split] = [p for p in buckets["train"] if p[0] == source]
-            buckets["train"] = [p for p in buckets["train"] if p[0] != source]
-    return Corpus(name, buckets["train"], buckets["valid"], buckets["test"])
+            first = buckets["train"][-1][0]
+            buckets[split] = [e for e in buckets["train"] if e[0] == first]
+            buckets["train"] = [e for e in buckets["train"] if e[0] != first]
+    return Corpus(name, buckets["train"], buckets["valid"], buckets["test"], arch)

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from parity.batching import Batcher, Position
-from parity.data import NUMBERS_FILE, DataError, load_corpus, number_rank, read_pairs
+from parity.data import NUMBERS_FILE, DataError, load_corpus, number_rank, read_examples, read_pairs
 from parity.tokenizer import Tokenizer, TokenizerError, train_tokenizer
 
 
@@ -159,3 +159,61 @@ def test_overlong_pairs_are_dropped_and_counted(tokenizer, builtin):
     assert batcher.dropped > 0 and batcher.num_examples + batcher.dropped == 300
     with pytest.raises(ValueError, match="no example fits max_len=2"):
         _batcher(tokenizer, builtin.train[:30], max_len=2)
+
+
+def test_builtin_classification_and_language_model_corpora(builtin):
+    numbers = _numbers()
+    encoder = load_corpus("builtin", arch="encoder")
+    assert encoder.labels == tuple("123456789")
+    assert (len(encoder.train), len(encoder.valid), len(encoder.test)) == (392_000, 4_000, 4_000)
+    assert encoder.test[:2] == [(builtin.test[0][0], str(numbers[0])[0]), (builtin.test[0][1], str(numbers[0])[0])]
+    assert {text for text, _ in encoder.valid} == {s for pair in builtin.valid for s in pair}
+    assert not {text for text, _ in encoder.train[::50]} & {text for text, _ in encoder.test}
+    decoder = load_corpus("builtin", arch="decoder")
+    assert (len(decoder.train), len(decoder.valid), len(decoder.test)) == (196_000, 2_000, 2_000)
+    assert decoder.test[0] == (f"{builtin.test[0][0]} = {builtin.test[0][1]}",)
+    assert list(decoder.texts())[:1] == [f"{builtin.train[0][0]} = {builtin.train[0][1]}"]
+    assert list(encoder.texts())[:2] == list(builtin.train[0])
+    assert len({c.fingerprint() for c in (builtin, encoder, decoder)}) == 3
+
+
+def test_classification_and_text_files(tmp_path):
+    (tmp_path / "labels.tsv").write_text("".join(f"text {i}\t{'ab'[i % 2]}\n" for i in range(300)))
+    corpus = load_corpus(tmp_path / "labels.tsv", arch="encoder")
+    assert corpus.labels == ("a", "b") and corpus.train[0] == ("text 0", "a")
+    (tmp_path / "labels.jsonl").write_text(json.dumps({"text": "x", "label": "1"}) + "\n")
+    assert read_examples(tmp_path / "labels.jsonl", ("text", "label")) == [("x", "1")]
+    (tmp_path / "lines.txt").write_text("one line\twith a tab\n\n second \n")
+    assert read_examples(tmp_path / "lines.txt", ("text",)) == [("one line\twith a tab",), ("second",)]
+    (tmp_path / "lines.jsonl").write_text(json.dumps({"text": "a b"}) + "\n")
+    assert read_examples(tmp_path / "lines.jsonl", ("text",)) == [("a b",)]
+    for split in ("train", "valid", "test"):
+        (tmp_path / "lm").mkdir(exist_ok=True)
+        (tmp_path / "lm" / f"{split}.txt").write_text(f"{split} text\n")
+    assert load_corpus(tmp_path / "lm", arch="decoder").valid == [("valid text",)]
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"train.tsv": "a\tx\nb\tx\n", "valid.tsv": "c\tx\n", "test.tsv": "d\tx\n"}, "at least 2 labels"),
+    ({"train.tsv": "a\tx\nb\ty\n", "valid.tsv": "c\tx\n", "test.tsv": "d\tz\n"},
+     "the test split has labels the training split lacks: 'z'"),
+    ({"train.tsv": "a\tx\nb\n"}, "train.tsv:2: expected 2 tab-separated fields (text, label), found 1"),
+    ({"train.jsonl": '{"text": "a"}\n'}, 'train.jsonl:1: expected an object with exactly the keys "text" and "label"'),
+    ({"train.tsv": "a\t \n"}, "train.tsv:1: empty text or label"),
+])
+def test_bad_classification_data(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_corpus(tmp_path if len(files) > 1 else tmp_path / next(iter(files)), arch="encoder")
+
+
+def test_bad_language_model_data(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": 3}\n')
+    with pytest.raises(DataError, match='bad.jsonl:1: "text" must be a string'):
+        load_corpus(tmp_path / "bad.jsonl", arch="decoder")
+    (tmp_path / "train.txt").write_text("a\n")
+    with pytest.raises(DataError, match="expected exactly one of valid.txt, valid.jsonl, found 0"):
+        load_corpus(tmp_path, arch="decoder")
+    with pytest.raises(DataError, match="unknown arch 'gpt'"):
+        load_corpus("builtin", arch="gpt")
