@@ -1,15 +1,16 @@
-"""Training the Flax twin: label-smoothed loss, Adam with the paper's schedule, one step.
+"""Training the Flax twin: label-smoothed loss, Adam with the paper's schedule, one step, for each arch.
 
-Mirrors `torch_tx/train.py` name for name. `train_step(state, batch, rng) -> (state, metrics)` is
-pure and jitted with the state donated; dropout keys are `fold_in(rng, state.step)`. The loop around
-it is `parity.train`. State goes in and out in canonical names (numpy), so a run can resume in the
-other framework.
+Mirrors `torch_tx/train.py` name for name. The model is `model_for(cfg)`: the seq2seq Transformer and
+the decoder-only LM score next tokens, the encoder-only classifier scores classes.
+`train_step(state, batch, rng) -> (state, metrics)` is pure and jitted with the state donated; dropout
+keys are `fold_in(rng, state.step)`. The loop around it is `parity.train`. State goes in and out in
+canonical names (numpy), so a run can resume in the other framework.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +19,8 @@ import optax
 from flax.training import train_state
 
 from jax_tx.decoding import generate
-from jax_tx.model import Transformer
-from parity.batching import Batch
+from jax_tx.model import model_for
+from parity.batching import PACKING, Batch, label_pad
 from parity.config import TransformerConfig
 from parity.convert import canonical_to_flax, flax_to_canonical
 from parity.train import TrainConfig, TrainState, learning_rate
@@ -28,19 +29,33 @@ DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
 
 
 def loss_terms(logits: jnp.ndarray, labels: jnp.ndarray, pad_id: int, smoothing: float) -> dict[str, jnp.ndarray]:
-    """Sums over non-pad labels: smoothed loss, nll, correct argmax, token count (scalars).
+    """Sums over the labels that are not `pad_id`: smoothed loss, nll, correct argmax, label count (scalars).
 
-    Smoothed loss per token = (1 - smoothing) * nll + smoothing * mean over the vocabulary of -log p,
-    as `optax.smooth_labels` and `F.cross_entropy(label_smoothing=...)` define it; computed from
+    logits (..., V) next-token or class scores, labels (...) their ids (pad_id: skipped; it may be out of
+    range, like NO_CLASS). Smoothed loss per label = (1 - smoothing) * nll + smoothing * mean over the
+    vocabulary of -log p, as `optax.smooth_labels` and `F.cross_entropy(label_smoothing=...)` define it; computed from
     logsumexp without materializing log p: -log p_i = lse - logit_i.
     """
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # [B, T, V]
     lse = jax.nn.logsumexp(logits, -1)  # [B, T]
     mask = labels != pad_id  # [B, T]
-    nll = lse - jnp.take_along_axis(logits, labels[..., None], -1)[..., 0]  # [B, T]
+    nll = lse - jnp.take_along_axis(logits, jnp.where(mask, labels, 0)[..., None], -1)[..., 0]  # [B, T]
     loss = (1.0 - smoothing) * nll + smoothing * (lse - logits.mean(-1))  # [B, T]
     return {"loss": (loss * mask).sum(), "nll": (nll * mask).sum(),
             "correct": ((logits.argmax(-1) == labels) & mask).sum(), "tokens": mask.sum()}
+
+
+def logits_of(apply_fn, variables: Mapping[str, Any], batch: Mapping[str, jnp.ndarray], arch: str,
+              **kwargs) -> jnp.ndarray:
+    """What the loss scores: next-token logits (B, T, V) of the seq2seq model (src, tgt_in) or the decoder
+    (tgt_in), or the encoder's class logits (B, C), packed (B, S, C). Packed batches pass their segments
+    and positions on; `kwargs` (deterministic, rngs) go to `apply_fn`."""
+    packed = {name: batch[name] for name in PACKING if name in batch}
+    if arch == "encoder":
+        return apply_fn(variables, batch["src"], **kwargs, **packed)[1]  # [B, C] or [B, S, C]
+    if arch == "decoder":
+        return apply_fn(variables, batch["tgt_in"], **kwargs, **packed)  # [B, T, V]
+    return apply_fn(variables, batch["src"], batch["tgt_in"], **kwargs, **packed)  # [B, T, V]
 
 
 def lr_schedule(cfg: TransformerConfig, tcfg: TrainConfig) -> optax.Schedule:
@@ -61,16 +76,16 @@ def make_optimizer(cfg: TransformerConfig, tcfg: TrainConfig) -> optax.GradientT
 
 def train_step(state: train_state.TrainState, batch: Mapping[str, jnp.ndarray], rng: jax.Array, *,
                cfg: TransformerConfig, tcfg: TrainConfig) -> tuple[train_state.TrainState, dict[str, jnp.ndarray]]:
-    """One update on `batch` (src, tgt_in, labels); returns the new state, loss sums, grad norm and lr.
+    """One update on `batch` (the arrays of a `Batch`); returns the new state, loss sums, grad norm and lr.
 
     Pure: bind cfg/tcfg with functools.partial and jit with the state donated (see `Trainer`).
     """
     dropout_rng = jax.random.fold_in(rng, state.step)
 
     def loss_fn(params):
-        logits = state.apply_fn({"params": params}, batch["src"], batch["tgt_in"], deterministic=False,
-                                rngs={"dropout": dropout_rng})  # [B, T, V]
-        terms = loss_terms(logits, batch["labels"], cfg.pad_id, tcfg.label_smoothing)
+        logits = logits_of(state.apply_fn, {"params": params}, batch, cfg.arch, deterministic=False,
+                           rngs={"dropout": dropout_rng})  # [B, T, V] or [B, C]
+        terms = loss_terms(logits, batch["labels"], label_pad(cfg.arch, cfg.pad_id), tcfg.label_smoothing)
         return terms["loss"] / jnp.maximum(terms["tokens"], 1), terms
 
     grads, terms = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -82,12 +97,12 @@ def train_step(state: train_state.TrainState, batch: Mapping[str, jnp.ndarray], 
 def eval_step(state: train_state.TrainState, batch: Mapping[str, jnp.ndarray], *, cfg: TransformerConfig,
               tcfg: TrainConfig) -> dict[str, jnp.ndarray]:
     """Loss sums of `batch` without dropout or update."""
-    logits = state.apply_fn({"params": state.params}, batch["src"], batch["tgt_in"])  # [B, T, V]
-    return loss_terms(logits, batch["labels"], cfg.pad_id, tcfg.label_smoothing)
+    logits = logits_of(state.apply_fn, {"params": state.params}, batch, cfg.arch)  # [B, T, V] or [B, C]
+    return loss_terms(logits, batch["labels"], label_pad(cfg.arch, cfg.pad_id), tcfg.label_smoothing)
 
 
 class Trainer:
-    """The JAX side of `parity.train`: a flax TrainState, the dropout key and the jitted step."""
+    """The JAX side of `parity.train`: a flax TrainState of `model_for(cfg)`, the dropout key and the jitted step."""
 
     framework = "jax"
 
@@ -97,23 +112,24 @@ class Trainer:
             jax.config.update("jax_enable_x64", True)
         self.cfg, self.tcfg, self.dtype = cfg, tcfg, DTYPES[dtype]
         self.device = jax.devices("gpu" if device == "cuda" else device)[0]
-        self.model = Transformer(cfg)
+        self.model = model_for(cfg)
         init_rng, self.rng = jax.random.split(jax.random.key(tcfg.seed))
         if weights is None:
             dummy = jnp.ones((1, 1), dtype=jnp.int32)
-            params = self.model.init(init_rng, dummy, dummy)["params"]
+            params = self.model.init(init_rng, *[dummy] * (2 if cfg.arch == "seq2seq" else 1))["params"]
         else:
             params = canonical_to_flax(weights, cfg)
         self.train_state = train_state.TrainState.create(apply_fn=self.model.apply, params=self._put(params),
                                                          tx=make_optimizer(cfg, tcfg))
         self._train_step = jax.jit(functools.partial(train_step, cfg=cfg, tcfg=tcfg), donate_argnums=0)
         self._eval_step = jax.jit(functools.partial(eval_step, cfg=cfg, tcfg=tcfg))
+        self._classify = jax.jit(lambda params, src: self.model.apply({"params": params}, src)[1].argmax(-1))
 
     def _put(self, tree):
         return jax.device_put(jax.tree_util.tree_map(lambda a: jnp.asarray(a, self.dtype), tree), self.device)
 
     def _arrays(self, batch: Batch) -> dict[str, jnp.ndarray]:
-        return {name: jax.device_put(getattr(batch, name), self.device) for name in ("src", "tgt_in", "labels")}
+        return {name: jax.device_put(array, self.device) for name, array in batch.arrays().items()}
 
     def train_step(self, batch: Batch) -> dict[str, jax.Array]:
         """One update; the metrics are device scalars, not waited for (`float()` them when needed)."""
@@ -124,8 +140,14 @@ class Trainer:
         return {k: float(v) for k, v in jax.device_get(self._eval_step(self.train_state, self._arrays(batch))).items()}
 
     def greedy(self, src: np.ndarray, *, max_new_tokens: int, bos_id: int, eos_id: int) -> np.ndarray:
+        """Greedy translations of src (seq2seq), or continuations of the prompts src (decoder): `generate`."""
         return np.asarray(generate(self.model, self.train_state.params, jax.device_put(src, self.device),
-                                        max_new_tokens=max_new_tokens, bos_id=bos_id, eos_id=eos_id))
+                                   max_new_tokens=max_new_tokens, bos_id=bos_id, eos_id=eos_id))
+
+    def classify(self, src: np.ndarray) -> np.ndarray:
+        """The most likely class of each row of src (B, S) (encoder) -> (B,)."""
+        return np.asarray(self._classify(self.train_state.params, jax.device_put(src, self.device)))
+
 
     def weights(self) -> dict[str, np.ndarray]:
         return flax_to_canonical(jax.device_get(self.train_state.params), self.cfg)

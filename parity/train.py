@@ -1,11 +1,15 @@
 """The training run both frameworks share: data, tokenizer, batches, logging, checkpoints, resume.
 
-The framework-specific part is a `Trainer` from `torch_tx.train` or `jax_tx.train` (the same
-methods in both); everything here is numpy and files. A run directory holds:
+Three model families (`--arch`): the seq2seq Transformer (translation: test exact match), the encoder
+with a classification head (test accuracy against chance) and the decoder-only language model (test
+perplexity, greedy continuations of held-out prompts). The framework-specific part is a `Trainer` from
+`torch_tx.train` or `jax_tx.train` (the same methods in both); everything here is numpy and files. A
+run directory holds:
 
-    config.json, model.safetensors    the latest weights (canonical names), for translate/eval/parity
+    config.json, model.safetensors    the latest weights (canonical names of cfg.arch; num_classes in
+                                      the config), for translate/eval/parity
     tokenizer.json                    the joint BPE tokenizer
-    train_config.json                 TrainConfig, framework, data
+    train_config.json                 TrainConfig, framework, arch, data, class names, padding shares
     metrics.jsonl                     one JSON record per log/eval interval
     loss.png                          train and validation loss curves
     checkpoints/step_0000500/         model.safetensors, optimizer.safetensors (Adam moments in
@@ -36,9 +40,9 @@ import numpy as np
 from parity.batching import Batcher, Position
 from parity.checkpoint import (CONFIG_FILE, CheckpointError, atomic_write_bytes, load_checkpoint,
                                load_config, save_checkpoint)
-from parity.config import DictFields, TransformerConfig
+from parity.config import ARCHS, DictFields, TransformerConfig
 from parity.convert import ConversionError, check_canonical
-from parity.data import DataError, load_corpus
+from parity.data import Corpus, DataError, Example, load_corpus
 from parity.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError, train_tokenizer
 
 FRAMEWORKS = ("torch", "jax")
@@ -67,7 +71,8 @@ class TrainConfig(DictFields):
 
     lr = lr_factor * d_model^-0.5 * min(step^-0.5, step * warmup_steps^-1.5), step counted from 1
     (Vaswani et al. 2017, eq. 3, with lr_factor 1; the paper warms up for 4000 of 100k steps, the
-    defaults here suit the embedded corpus: 1200 steps, 400 of warmup).
+    defaults here suit the embedded corpus: 1200 steps, 400 of warmup). `pack`: several examples per row
+    of max_len positions (`parity.batching`) instead of length buckets.
     """
 
     steps: int = 1200
@@ -85,6 +90,7 @@ class TrainConfig(DictFields):
     eval_every: int = 200
     save_every: int = 400
     keep: int = 3
+    pack: bool = False
 
     def __post_init__(self) -> None:
         rules = {**dict.fromkeys(("steps", "max_tokens", "warmup_steps", "vocab_size", "bucket_step", "log_every",
@@ -94,6 +100,8 @@ class TrainConfig(DictFields):
         for name, (ok, what) in rules.items():
             if not ok(getattr(self, name)):
                 raise ValueError(f"{name} must be {what}, got {getattr(self, name)}")
+        if not isinstance(self.pack, bool):
+            raise ValueError(f"pack must be a bool, got {self.pack!r}")
         object.__setattr__(self, "betas", tuple(self.betas))
 
 
@@ -114,8 +122,10 @@ class TrainState:
     rng: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def model_config(spec: str | TransformerConfig, vocab_size: int) -> TransformerConfig:
-    """A preset name or a JSON file of TransformerConfig fields; vocab sizes come from the tokenizer."""
+def model_config(spec: str | TransformerConfig, vocab_size: int, arch: str = "seq2seq",
+                 num_classes: int | None = None) -> TransformerConfig:
+    """A preset name or a JSON file of TransformerConfig fields, for `arch` (the encoder's head has
+    `num_classes`, the number of labels in the data); vocab sizes come from the tokenizer."""
     if isinstance(spec, TransformerConfig):
         fields = spec.to_dict()
     elif spec in PRESETS:
@@ -133,8 +143,15 @@ def model_config(spec: str | TransformerConfig, vocab_size: int) -> TransformerC
             raise TrainError(f"vocabulary mismatch: the config's {key} is {fields[key]}, the tokenizer has "
                              f"{vocab_size} tokens")
     fields.update(src_vocab_size=vocab_size, tgt_vocab_size=vocab_size)
+    own_arch, own_classes = fields.pop("arch", arch), fields.pop("num_classes", None)
+    if own_arch != arch:
+        raise TrainError(f"--config {spec}: its arch is {own_arch!r}, not {arch!r} (--arch)")
+    if None not in (own_classes, num_classes) and own_classes != num_classes:
+        raise TrainError(f"label mismatch: the config's num_classes is {own_classes}, the data has {num_classes} "
+                         f"labels")
     try:
-        return TransformerConfig.from_dict({**TransformerConfig(1, 1).to_dict(), **fields})
+        cfg = TransformerConfig.from_dict({**TransformerConfig(1, 1).to_dict(), **fields})
+        return cfg.for_arch(arch, num_classes if num_classes is not None else own_classes)
     except (ValueError, TypeError) as e:
         raise TrainError(f"--config {spec}: {e}") from None
 
@@ -300,12 +317,23 @@ def summarize(sums: Mapping[str, float], step: int, split: str) -> dict[str, Any
 
 
 def evaluate(trainer, batcher: Batcher, step: int, split: str = "valid") -> dict[str, Any]:
-    """Teacher-forced loss, perplexity and token accuracy over every example of `batcher`."""
+    """Loss, perplexity and accuracy over every example of `batcher`: teacher-forced next tokens, or
+    classes (then "tokens" counts examples)."""
     sums: dict[str, float] = {}
     for batch in batcher.once():
         for k, v in trainer.eval_step(batch).items():
             sums[k] = sums.get(k, 0.0) + v
     return summarize(sums, step, split)
+
+
+def _rows(sequences: list[np.ndarray], pad_id: int, max_len: int) -> np.ndarray:
+    """Sequences right-padded into one array (B, L), L the longest rounded up to a multiple of 8 (few shapes
+    to compile) and capped at max_len."""
+    length = min(-(-max(len(ids) for ids in sequences) // 8) * 8, max_len)
+    rows = np.full((len(sequences), length), pad_id, dtype=np.int32)  # [B, L]
+    for row, ids in enumerate(sequences):
+        rows[row, :len(ids)] = ids
+    return rows
 
 
 def translate(trainer, tokenizer: Tokenizer, texts: list[str], max_len: int, batch_size: int = 256) -> list[str]:
@@ -314,14 +342,47 @@ def translate(trainer, tokenizer: Tokenizer, texts: list[str], max_len: int, bat
     out = []
     encoded = tokenizer.encode(texts)
     for start in range(0, len(texts), batch_size):
-        chunk = [np.append(ids[:max_len - 1], tokenizer.eos_id) for ids in encoded[start:start + batch_size]]
-        length = min(-(-max(len(c) for c in chunk) // 8) * 8, max_len)  # a multiple of 8: few shapes to compile
-        src = np.full((len(chunk), length), tokenizer.pad_id, dtype=np.int32)  # [B, S]
-        for row, ids in enumerate(chunk):
-            src[row, :len(ids)] = ids
+        src = _rows([np.append(ids[:max_len - 1], tokenizer.eos_id) for ids in encoded[start:start + batch_size]],
+                    tokenizer.pad_id, max_len)  # [B, S]
         tokens = trainer.greedy(src, max_new_tokens=min(max_len - 1, 2 * src.shape[1] + 10), bos_id=tokenizer.bos_id,
                                 eos_id=tokenizer.eos_id)
         out += [tokenizer.decode(row) for row in tokens]
+    return out
+
+
+def classify(trainer, tokenizer: Tokenizer, texts: list[str], labels: tuple[str, ...], max_len: int,
+             batch_size: int = 256) -> list[str]:
+    """The predicted label of each text (texts longer than max_len - 1 tokens are truncated)."""
+    out = []
+    encoded = tokenizer.encode(texts)
+    for start in range(0, len(texts), batch_size):
+        src = _rows([np.append(ids[:max_len - 1], tokenizer.eos_id) for ids in encoded[start:start + batch_size]],
+                    tokenizer.pad_id, max_len)  # [B, S]
+        out += [labels[int(i)] for i in trainer.classify(src)]
+    return out
+
+
+def prompt_of(text: str) -> str:
+    """The part of a held-out text the language model continues: up to and including the "=" of the builtin
+    "English = French" lines, else the first half of the words."""
+    head, sep, _ = text.partition(" = ")
+    if sep:
+        return f"{head} ="
+    words = text.split(" ")
+    return " ".join(words[:max(1, len(words) // 2)])
+
+
+def continue_texts(trainer, tokenizer: Tokenizer, prompts: list[str], max_len: int, batch_size: int = 256) -> list[str]:
+    """Greedy continuations of `prompts` (with them) up to <eos>, at most 2 * prompt length + 10 new tokens and
+    max_len in all (prompts longer than max_len / 2 tokens are truncated)."""
+    out = []
+    encoded = [ids[:max_len // 2] for ids in tokenizer.encode(prompts)]
+    for start in range(0, len(prompts), batch_size):
+        chunk = encoded[start:start + batch_size]
+        src = _rows(chunk, tokenizer.pad_id, max_len)  # [B, P]
+        tokens = trainer.greedy(src, max_new_tokens=min(max_len - src.shape[1], 2 * src.shape[1] + 10),
+                                bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)  # [B, N]
+        out += [tokenizer.decode(np.concatenate([ids, row])) for ids, row in zip(chunk, tokens)]
     return out
 
 
@@ -382,28 +443,62 @@ def _trainer_class(framework: str):
     return importlib.import_module(f"{framework}_tx.train").Trainer
 
 
-def _encoded(tokenizer: Tokenizer, pairs, cfg: TransformerConfig, tcfg: TrainConfig, shuffle: bool) -> Batcher:
-    src = tokenizer.encode([p[0] for p in pairs])
-    tgt = tokenizer.encode([p[1] for p in pairs])
+def _batches(tokenizer: Tokenizer, examples: list[Example], corpus: Corpus, cfg: TransformerConfig,
+             tcfg: TrainConfig, shuffle: bool) -> Batcher:
+    """The Batcher of `examples` for cfg.arch: pairs (seq2seq), texts and their class ids (encoder), texts (decoder)."""
+    first = tokenizer.encode([e[0] for e in examples])
+    src = None if cfg.arch == "decoder" else first
+    tgt = tokenizer.encode([e[1] for e in examples]) if cfg.arch == "seq2seq" else first if cfg.arch == "decoder" \
+        else None
+    classes = None
+    if cfg.arch == "encoder":
+        index = {label: i for i, label in enumerate(corpus.labels)}
+        classes = [index[e[1]] for e in examples]
     try:
-        return Batcher(src, tgt, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-                       max_tokens=tcfg.max_tokens, max_len=cfg.max_len, bucket_step=tcfg.bucket_step,
-                       seed=tcfg.seed, shuffle=shuffle)
+        return Batcher(src, tgt, classes=classes, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id,
+                       eos_id=tokenizer.eos_id, max_tokens=tcfg.max_tokens, max_len=cfg.max_len,
+                       bucket_step=tcfg.bucket_step, seed=tcfg.seed, shuffle=shuffle, pack=tcfg.pack)
     except ValueError as e:
         raise TrainError(str(e)) from None
+
+
+def padding_report(batcher: Batcher) -> dict[str, float]:
+    """The share of padding positions in an epoch's batches, bucketed ("unpacked") and, for a packed batcher,
+    packed."""
+    if not batcher.pack:
+        return {"unpacked": batcher.padding()}
+    return {"unpacked": batcher.repacked(False).padding(), "packed": batcher.padding()}
+
+
+def _resolve_arch(arch: str | None, source: Path | None, what: str) -> str:
+    """--arch, checked against the run or checkpoint `source` continues from (whose arch it defaults to)."""
+    if arch is not None and arch not in ARCHS:
+        raise TrainError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+    if source is None:
+        return arch or "seq2seq"
+    try:
+        found = load_config(source).arch
+    except CheckpointError as e:
+        raise TrainError(str(e)) from None
+    if arch not in (None, found):
+        raise TrainError(f"--arch {arch}: {what} {source} holds a {found} model; pass --arch {found} or leave it out")
+    return found
 
 
 def run(framework: str, data: str, out: str | os.PathLike, *, model: str | TransformerConfig = "small",
         tcfg: TrainConfig = TrainConfig(), resume: bool = False, init_from: str | os.PathLike | None = None,
         dtype: str = "float32", device: str = "cpu", limit: int | None = None, show: int = 5,
         test_limit: int | None = None, progress: bool = True, dropout: float | None = None,
-        echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train (or resume) a run in `out`; returns the last train/valid/test records (and `interrupted`)."""
+        arch: str | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train (or resume) a run of `arch` (default seq2seq; a resumed run or --init-from checkpoint's own) in
+    `out`; returns the last train/valid/test records (and `interrupted`)."""
     out = Path(out)
     Trainer = _trainer_class(framework)
     resume_from = _prepare_run_dir(out, resume)
+    arch = (_resolve_arch(arch, out, "the run in") if resume_from is not None else
+            _resolve_arch(arch, None if init_from is None else Path(init_from), "the checkpoint"))
     try:
-        corpus = load_corpus(data, limit=limit)
+        corpus = load_corpus(data, limit=limit, arch=arch)
     except DataError as e:
         raise TrainError(str(e)) from None
 
@@ -419,8 +514,8 @@ def run(framework: str, data: str, out: str | os.PathLike, *, model: str | Trans
                 spec, init_weights = load_checkpoint(init_from)
                 shipped = Path(init_from) / TOKENIZER_FILE
             tokenizer = (Tokenizer.load(shipped) if shipped is not None and shipped.is_file() else
-                         train_tokenizer((s for pair in corpus.train for s in pair), vocab_size=tcfg.vocab_size))
-        cfg = model_config(spec, tokenizer.vocab_size)
+                         train_tokenizer(corpus.texts(), vocab_size=tcfg.vocab_size))
+        cfg = model_config(spec, tokenizer.vocab_size, arch, None if corpus.labels is None else len(corpus.labels))
         if dropout is not None and resume_from is None:
             cfg = cfg.replace(dropout=dropout)
     except (CheckpointError, TokenizerError, OSError, KeyError, ValueError) as e:
@@ -436,18 +531,24 @@ def run(framework: str, data: str, out: str | os.PathLike, *, model: str | Trans
         if meta.get("data") != corpus.fingerprint():
             raise TrainError(f"--data {data}: not the training data of the run in {out} (it was trained on "
                              f"{meta.get('data_name')!r}); resume with the same --data")
-    else:
-        tokenizer.save(out / TOKENIZER_FILE)
-        _write_json(out / TRAIN_CONFIG_FILE, {"framework": framework, "data": str(data), "model": str(model)
-                                              if not isinstance(model, TransformerConfig) else "custom",
-                                              "init_from": None if init_from is None else str(init_from),
-                                              "train": tcfg.to_dict()})
-        atomic_write_bytes(out / CONFIG_FILE, cfg.to_json().encode())
 
-    train_batches = _encoded(tokenizer, corpus.train, cfg, tcfg, shuffle=True)
-    valid_batches = _encoded(tokenizer, corpus.valid, cfg, tcfg, shuffle=False)
+    train_batches = _batches(tokenizer, corpus.train, corpus, cfg, tcfg, shuffle=True)
+    valid_batches = _batches(tokenizer, corpus.valid, corpus, cfg, tcfg, shuffle=False)
     if train_batches.dropped:
-        echo(f"note: {train_batches.dropped} training pairs longer than max_len={cfg.max_len} tokens were left out")
+        echo(f"note: {train_batches.dropped} training {'pairs' if arch == 'seq2seq' else 'examples'} longer than "
+             f"max_len={cfg.max_len} tokens were left out")
+    padding = padding_report(train_batches)
+    echo(f"padding: {padding['unpacked']:.1%}" + (f" -> {padding['packed']:.1%}" if tcfg.pack else "") +
+         f" of positions{f' (packed rows of {cfg.max_len})' if tcfg.pack else ''}")
+    if resume_from is None:
+        tokenizer.save(out / TOKENIZER_FILE)
+        _write_json(out / TRAIN_CONFIG_FILE, {"framework": framework, "arch": arch, "data": str(data),
+                                              "model": str(model) if not isinstance(model, TransformerConfig)
+                                              else "custom",
+                                              "init_from": None if init_from is None else str(init_from),
+                                              "labels": None if corpus.labels is None else list(corpus.labels),
+                                              "padding": padding, "train": tcfg.to_dict()})
+        atomic_write_bytes(out / CONFIG_FILE, cfg.to_json().encode())
     trainer = Trainer(cfg, tcfg, init_weights, dtype=dtype, device=device)
     step, position = 0, Position()
     records = read_metrics(out)
@@ -505,18 +606,62 @@ def run(framework: str, data: str, out: str | os.PathLike, *, model: str | Trans
     if records:
         plot_losses(out, records)
     if "valid" in last:
-        echo(f"step {step}: validation loss {last['valid']['loss']:.4f}, perplexity {last['valid']['ppl']:.3f}, "
-             f"token accuracy {last['valid']['accuracy']:.2%}")
+        valid = last["valid"]
+        echo(f"step {step}: validation loss {valid['loss']:.4f}, " + (
+            f"accuracy {valid['accuracy']:.2%}" if arch == "encoder" else
+            f"perplexity {valid['ppl']:.3f}, token accuracy {valid['accuracy']:.2%}"))
     if test_limit != 0:
-        pairs = corpus.test[:test_limit]
-        hypotheses = translate(trainer, tokenizer, [p[0] for p in pairs], cfg.max_len)
-        last["test"] = {"step": step, "split": "test", "exact_match": exact_match(hypotheses, [p[1] for p in pairs]),
-                        "sentences": len(pairs)}
+        test = {"seq2seq": _test_translation, "encoder": _test_classifier, "decoder": _test_language_model}[arch]
+        last["test"] = {"step": step, "split": "test", **test(trainer, tokenizer, corpus, corpus.test[:test_limit],
+                                                               cfg, tcfg, show, echo)}
         log(last["test"])
-        for (src, ref), hyp in list(zip(pairs, hypotheses))[:show]:
-            echo(f"  {src}\n    -> {hyp}{'' if hyp == ref else f'   (reference: {ref})'}")
-        echo(f"test exact match: {last['test']['exact_match']:.2%} of {len(pairs)} sentences")
     return last
+
+
+def _test_translation(trainer, tokenizer: Tokenizer, corpus: Corpus, pairs: list[Example], cfg: TransformerConfig,
+                      tcfg: TrainConfig, show: int, echo: Callable[[str], None]) -> dict[str, Any]:
+    """Greedy translations of the test sources: exact match."""
+    hypotheses = translate(trainer, tokenizer, [p[0] for p in pairs], cfg.max_len)
+    result = {"exact_match": exact_match(hypotheses, [p[1] for p in pairs]), "sentences": len(pairs)}
+    for (src, ref), hyp in list(zip(pairs, hypotheses))[:show]:
+        echo(f"  {src}\n    -> {hyp}{'' if hyp == ref else f'   (reference: {ref})'}")
+    echo(f"test exact match: {result['exact_match']:.2%} of {len(pairs)} sentences")
+    return result
+
+
+def _test_classifier(trainer, tokenizer: Tokenizer, corpus: Corpus, examples: list[Example], cfg: TransformerConfig,
+                     tcfg: TrainConfig, show: int, echo: Callable[[str], None]) -> dict[str, Any]:
+    """Loss and accuracy on the test split, against chance (always answering its most frequent label)."""
+    scores = evaluate(trainer, _batches(tokenizer, examples, corpus, cfg, tcfg, shuffle=False), 0, "test")
+    labels = [e[1] for e in examples]
+    chance = max(labels.count(label) for label in set(labels)) / len(labels)
+    shown = examples[:show]
+    for (text, label), guess in zip(shown, classify(trainer, tokenizer, [e[0] for e in shown], corpus.labels,
+                                                    cfg.max_len)):
+        echo(f"  {text}\n    -> {guess}{'' if guess == label else f'   (label: {label})'}")
+    echo(f"test accuracy: {scores['accuracy']:.2%} of {scores['tokens']} examples (chance: {chance:.2%}, always "
+         f"the most frequent label)")
+    return {"loss": scores["loss"], "nll": scores["nll"], "accuracy": scores["accuracy"], "chance": chance,
+            "examples": scores["tokens"]}
+
+
+def _test_language_model(trainer, tokenizer: Tokenizer, corpus: Corpus, examples: list[Example],
+                         cfg: TransformerConfig, tcfg: TrainConfig, show: int,
+                         echo: Callable[[str], None]) -> dict[str, Any]:
+    """Perplexity on the test split; greedy continuations of its prompts (`prompt_of`): exact match with the
+    held-out texts, and samples."""
+    scores = evaluate(trainer, _batches(tokenizer, examples, corpus, cfg, tcfg, shuffle=False), 0, "test")
+    texts = [e[0] for e in examples]
+    prompts = [prompt_of(text) for text in texts]
+    outputs = continue_texts(trainer, tokenizer, ["", *prompts], cfg.max_len)
+    echo(f"  (no prompt)\n    -> {outputs[0]}")
+    for prompt, text, output in list(zip(prompts, texts, outputs[1:]))[:show]:
+        echo(f"  {prompt}\n    -> {output}{'' if output == text else f'   (held out: {text})'}")
+    match = exact_match(outputs[1:], texts)
+    echo(f"test perplexity: {scores['ppl']:.3f} over {scores['tokens']} tokens; greedy continuations: {match:.2%} "
+         f"of {len(texts)} reproduce the held-out text")
+    return {"loss": scores["loss"], "nll": scores["nll"], "ppl": scores["ppl"], "accuracy": scores["accuracy"],
+            "tokens": scores["tokens"], "exact_match": match, "continued": len(texts), "sample": outputs[0]}
 
 
 def _progress(enabled: bool, total: int, initial: int):
