@@ -98,14 +98,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                            warmup_steps=args.warmup, label_smoothing=args.label_smoothing, clip_norm=args.clip_norm,
                            seed=args.seed, vocab_size=args.vocab_size, log_every=args.log_every,
                            eval_every=args.eval_every, save_every=args.save_every, keep=args.keep,
-                           betas=defaults.betas, adam_eps=defaults.adam_eps)
+                           betas=defaults.betas, adam_eps=defaults.adam_eps, pack=args.pack)
     except ValueError as e:
         raise SystemExit(f"twin train: {e}") from None
     try:
         last = run(args.framework, args.data, args.out, model=args.config, tcfg=tcfg, resume=args.resume,
                    init_from=args.init_from, dtype=args.dtype, device=args.device, limit=args.limit,
                    show=args.show, test_limit=args.test_limit, progress=not args.no_progress,
-                   dropout=args.dropout)
+                   dropout=args.dropout, arch=args.arch)
     except TrainError as e:
         print(f"twin train: {e}", file=sys.stderr)
         return 1
@@ -298,13 +298,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=3)
     p.add_argument("--length", type=int, default=7, help="source and target length (capped at max_len)")
     p.set_defaults(func=cmd_parity)
-    t = sub.add_parser("train", help="train (or resume) a translation model in PyTorch or JAX",
-                       description="Train a model on sentence pairs; the run directory holds the canonical "
-                       "checkpoint, the tokenizer, the training state for --resume, metrics.jsonl and loss.png. "
-                       "Ctrl-C saves a checkpoint and stops.")
+    t = sub.add_parser("train", help="train (or resume) a translator, classifier or language model in PyTorch or "
+                       "JAX", description="Train a model (--arch: the seq2seq Transformer on sentence pairs, the "
+                       "encoder as a classifier of labelled texts, the decoder as a language model of texts); the "
+                       "run directory holds the canonical checkpoint, the tokenizer, the training state for "
+                       "--resume, metrics.jsonl and loss.png. Ctrl-C saves a checkpoint and stops.")
     t.add_argument("--framework", choices=("torch", "jax"), default="torch")
-    t.add_argument("--data", default="builtin", help="'builtin' (English -> French number names), a .tsv/.jsonl "
-                   "file of pairs, or a directory with train/valid/test files (default builtin)")
+    t.add_argument("--arch", choices=("seq2seq", "encoder", "decoder"), help="model family (default seq2seq; "
+                   "--resume and --init-from keep the checkpoint's)")
+    t.add_argument("--data", default="builtin", help="'builtin' (number names: English -> French pairs for "
+                   "seq2seq, English and French names labelled with their leading digit for the encoder, "
+                   "'English = French' lines for the decoder), a file (seq2seq: .tsv source<TAB>target or .jsonl "
+                   "src/tgt; encoder: .tsv text<TAB>label or .jsonl text/label; decoder: .txt one text per line "
+                   "or .jsonl text), or a directory with train/valid/test files (default builtin)")
+    t.add_argument("--pack", action="store_true", help="pack several examples into each row of max_len positions "
+                   "(segment ids, per-example positions) instead of length buckets; the padding saved is "
+                   "printed")
     t.add_argument("--out", required=True, help="run directory (new, or an existing run with --resume)")
     t.add_argument("--steps", type=int, default=defaults.steps, help=f"total updates (default {defaults.steps})")
     t.add_argument("--config", default="small", help="model preset (tiny, small, base) or a JSON file of "
@@ -327,10 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--keep", type=int, default=defaults.keep, help="checkpoints kept")
     t.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     t.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    t.add_argument("--limit", type=int, help="use only the first N training pairs")
-    t.add_argument("--test-limit", type=int, help="translate only the first N test sentences at the end "
-                   "(0: skip the test)")
-    t.add_argument("--show", type=int, default=5, help="translations printed at the end")
+    t.add_argument("--limit", type=int, help="use only the first N training examples")
+    t.add_argument("--test-limit", type=int, help="test only the first N test examples at the end (0: skip the "
+                   "test)")
+    t.add_argument("--show", type=int, default=5, help="translations, predictions or continuations printed at "
+                   "the end")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
     c = sub.add_parser("translate", help="translate text with a trained run (one output line per input)",

@@ -1,4 +1,5 @@
-"""`twin train` end to end: a short run in each framework, --init-from across frameworks, Ctrl-C, errors."""
+"""`twin train` end to end: a short run in each framework, --init-from across frameworks, Ctrl-C, errors,
+a packed language model."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from parity.checkpoint import load_config
+from parity.data import load_corpus
 from parity.train import checkpoint_dirs, read_metrics
 
 SMALL = ["--config", "tiny", "--limit", "2000", "--max-tokens", "256", "--no-progress"]
@@ -98,3 +101,22 @@ def test_errors_are_one_line(tmp_path, args, message):
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_packed_language_model(tmp_path):
+    """--arch decoder --pack: the padding saved is printed, then samples and the test perplexity."""
+    data = tmp_path / "lm"
+    data.mkdir()
+    corpus = load_corpus("builtin", arch="decoder", limit=300)
+    for split, examples in (("train", corpus.train), ("valid", corpus.valid[:8]), ("test", corpus.test[:4])):
+        (data / f"{split}.txt").write_text("".join(text + "\n" for text, in examples))
+    out = tmp_path / "run"
+    result = twin("train", "--arch", "decoder", "--pack", "--data", str(data), "--out", str(out), "--steps", "2",
+                  "--vocab-size", "200", "--show", "1", *SMALL)
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((out / "train_config.json").read_text())
+    padding = saved["padding"]
+    assert (f"padding: {padding['unpacked']:.1%} -> {padding['packed']:.1%} of positions (packed rows of 64)"
+            in result.stdout)
+    assert "(no prompt)" in result.stdout and "test perplexity:" in result.stdout
+    assert load_config(out).arch == "decoder" and saved["train"]["pack"] is True
