@@ -15,12 +15,18 @@ from parity.numerics import sinusoidal_table
 
 def check_token_ids(ids: jnp.ndarray, vocab_size: int) -> None:
     """TypeError unless ids are integers; ValueError when concrete ids fall outside [0, vocab_size)."""
-    if not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise TypeError(f"token ids must be an integer array, got {ids.dtype}")
-    if not isinstance(ids, jax.core.Tracer) and ids.size:
-        lo, hi = int(np.min(ids)), int(np.max(ids))
-        if lo < 0 or hi >= vocab_size:
-            raise ValueError(f"token ids must be in [0, {vocab_size}), got values in [{lo}, {hi}]")
+    check_index_range(ids, vocab_size, "token ids", str(vocab_size))
+
+
+def check_index_range(values: jnp.ndarray, size: int, what: str, bound: str) -> None:
+    """TypeError unless `values` are integers; ValueError when concrete values fall outside [0, size)
+    (`bound` is how the message writes size). Traced values cannot raise."""
+    if not jnp.issubdtype(values.dtype, jnp.integer):
+        raise TypeError(f"{what} must be an integer array, got {values.dtype}")
+    if not isinstance(values, jax.core.Tracer) and values.size:
+        lo, hi = int(np.min(values)), int(np.max(values))
+        if lo < 0 or hi >= size:
+            raise ValueError(f"{what} must be in [0, {bound}), got values in [{lo}, {hi}]")
 
 
 class TokenEmbedding(nn.Module):
@@ -86,12 +92,7 @@ def check_positions(positions: jnp.ndarray, expected: tuple[int, ...], max_len: 
     [0, max_len). Traced positions cannot raise: out-of-range ones give NaN rows."""
     if tuple(positions.shape) != expected:
         raise ValueError(f"positions must have shape (B, L) = {expected}, got {tuple(positions.shape)}")
-    if not jnp.issubdtype(positions.dtype, jnp.integer):
-        raise TypeError(f"positions must be an integer array, got {positions.dtype}")
-    if not isinstance(positions, jax.core.Tracer) and positions.size:
-        lo, hi = int(np.min(positions)), int(np.max(positions))
-        if lo < 0 or hi >= max_len:
-            raise ValueError(f"positions must be in [0, max_len={max_len}), got values in [{lo}, {hi}]")
+    check_index_range(positions, max_len, "positions", f"max_len={max_len}")
 
 
 _TABLES: dict[tuple[int, int], np.ndarray] = {}

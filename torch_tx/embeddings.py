@@ -22,11 +22,7 @@ class TokenEmbedding(nn.Module):
         nn.init.normal_(self.weight, std=embedding_std(d_model))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-            raise TypeError(f"token ids must be an integer tensor, got {ids.dtype}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.vocab_size}), "
-                             f"got values in [{int(ids.min())}, {int(ids.max())}]")
+        check_index_range(ids, self.vocab_size, "token ids", str(self.vocab_size))
         return self.weight[ids] * math.sqrt(self.d_model)  # [B, L, D]
 
 
@@ -67,8 +63,13 @@ def check_positions(positions: torch.Tensor, expected: tuple[int, ...], max_len:
     """Raise unless `positions` is an integer tensor of shape `expected` (B, L) with values in [0, max_len)."""
     if tuple(positions.shape) != expected:
         raise ValueError(f"positions must have shape (B, L) = {expected}, got {tuple(positions.shape)}")
-    if positions.dtype.is_floating_point or positions.dtype == torch.bool:
-        raise TypeError(f"positions must be an integer tensor, got {positions.dtype}")
-    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= max_len):
-        raise ValueError(f"positions must be in [0, max_len={max_len}), "
-                         f"got values in [{int(positions.min())}, {int(positions.max())}]")
+    check_index_range(positions, max_len, "positions", f"max_len={max_len}")
+
+
+def check_index_range(values: torch.Tensor, size: int, what: str, bound: str) -> None:
+    """TypeError unless `values` are integers; ValueError when they fall outside [0, size) (`bound` is how
+    the message writes size)."""
+    if values.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"{what} must be an integer tensor, got {values.dtype}")
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= size):
+        raise ValueError(f"{what} must be in [0, {bound}), got values in [{int(values.min())}, {int(values.max())}]")
