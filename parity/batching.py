@@ -130,7 +130,6 @@ class Batcher:
             raise ValueError(f"{count} sources but {len(classes)} classes")
         if max_tokens < 1 or bucket_step < 1:
             raise ValueError("max_tokens and bucket_step must be positive")
-        self.arch = "seq2seq" if src is not None and tgt is not None else "encoder" if src is not None else "decoder"
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
         self.max_tokens, self.bucket_step, self.seed, self.shuffle = max_tokens, bucket_step, seed, shuffle
         self.max_len, self.pack = max_len, pack
