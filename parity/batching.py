@@ -99,7 +99,7 @@ def pack_rows(lengths: np.ndarray, row_length: int, pool: int) -> list[np.ndarra
         elif len(open_rows) < pool:
             j = len(open_rows)
             open_rows.append([])
-            free = np.concatenate([free, np.full((1, lengths.shape[1]), row_length)])
+            free = np.concatenate([free, np.full((1, lengths.shape[1]), row_length)])  # [R + 1, sides]
         else:
             j = int(np.argmin(free.sum(1)))
             closed.append(open_rows[j])

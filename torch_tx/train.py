@@ -138,7 +138,7 @@ class Trainer:
     def classify(self, src: np.ndarray) -> np.ndarray:
         """The most likely class of each row of src (B, S) (encoder) -> (B,)."""
         self.model.eval()
-        return self.model(torch.from_numpy(src).to(self.device, torch.long))[1].argmax(-1).cpu().numpy()
+        return self.model(torch.from_numpy(src).to(self.device, torch.long))[1].argmax(-1).cpu().numpy()  # [B]
 
 
     def weights(self) -> dict[str, np.ndarray]:
