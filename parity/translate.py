@@ -170,6 +170,9 @@ class Translator:
         if framework not in FRAMEWORKS:
             raise TranslateError(f"unknown framework {framework!r}; expected one of {', '.join(FRAMEWORKS)}")
         cfg, weights, tokenizer = read_run_dir(run_dir)
+        if cfg.arch != "seq2seq":
+            raise TranslateError(f"{run_dir}: a {cfg.arch}-only model (arch {cfg.arch!r}); twin translate and twin eval "
+                                 "need a seq2seq run (the run's test scores are in its metrics.jsonl)")
         backend = (_TorchBackend if framework == "torch" else _JaxBackend)(cfg, weights, device)
         return cls(cfg, tokenizer, backend, framework)
 

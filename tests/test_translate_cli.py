@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from parity.checkpoint import load_config, save_checkpoint
 from parity.cli import main
 from parity.translate import Translator
+from strategies import random_weights
 
 TINY_RUN = Path(__file__).resolve().parent / "data" / "tiny_run"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -184,9 +186,14 @@ def test_bad_translate_input(case, run_dir, tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]  # nothing written, no temp files
 
 
-@pytest.mark.parametrize("case", ["missing", "a file", "no tokenizer", "no config", "bad weights"])
+@pytest.mark.parametrize("case", ["missing", "a file", "no tokenizer", "no config", "bad weights", "encoder",
+                                  "decoder"])
 def test_bad_run_dir(case, run_dir, tmp_path, capsys, monkeypatch):
-    if case == "missing":
+    if case in ("encoder", "decoder"):
+        path, words = _copy_run(run_dir, tmp_path / "run"), [f"{case}-only model", "need a seq2seq run"]
+        cfg = load_config(path).for_arch(case)
+        save_checkpoint(path, cfg, random_weights(cfg, "float32"))
+    elif case == "missing":
         path, words = tmp_path / "nope", ["nope", "no such directory"]
     elif case == "a file":
         path, words = tmp_path / "plain", ["plain", "no such directory"]
