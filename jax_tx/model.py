@@ -277,6 +277,11 @@ def model_for(cfg: TransformerConfig) -> nn.Module:
     return {"seq2seq": Transformer, "encoder": EncoderOnly, "decoder": DecoderOnly}[cfg.arch](cfg)
 
 
+def init_inputs(cfg: TransformerConfig) -> tuple[jnp.ndarray, ...]:
+    """The (1, 1) int32 ids `model_for(cfg).init(rng, *init_inputs(cfg))` takes: (src, tgt) for seq2seq, else one."""
+    return (jnp.ones((1, 1), dtype=jnp.int32),) * (2 if cfg.arch == "seq2seq" else 1)
+
+
 def run_encoder(model: nn.Module, src: jnp.ndarray, src_mask: jnp.ndarray | None, src_segments: jnp.ndarray | None,
                 src_positions: jnp.ndarray | None, deterministic: bool) -> jnp.ndarray:
     """Embed src (B, S) and run model.encoder -> (B, S, D): Transformer.encode and EncoderOnly.encode."""

@@ -19,7 +19,7 @@ import optax
 from flax.training import train_state
 
 from jax_tx.decoding import generate
-from jax_tx.model import model_for
+from jax_tx.model import init_inputs, model_for
 from parity.batching import PACKING, Batch, label_pad
 from parity.config import TransformerConfig
 from parity.convert import canonical_to_flax, flax_to_canonical
@@ -115,8 +115,7 @@ class Trainer:
         self.model = model_for(cfg)
         init_rng, self.rng = jax.random.split(jax.random.key(tcfg.seed))
         if weights is None:
-            dummy = jnp.ones((1, 1), dtype=jnp.int32)
-            params = self.model.init(init_rng, *[dummy] * (2 if cfg.arch == "seq2seq" else 1))["params"]
+            params = self.model.init(init_rng, *init_inputs(cfg))["params"]
         else:
             params = canonical_to_flax(weights, cfg)
         self.train_state = train_state.TrainState.create(apply_fn=self.model.apply, params=self._put(params),

@@ -184,12 +184,10 @@ def init_canonical(cfg: TransformerConfig, twin: str, seed: int) -> dict[str, np
         torch.manual_seed(seed)
         return {k: to_numpy(v) for k, v in torch_tx.model_for(cfg).state_dict().items()}
     import jax
-    import jax.numpy as jnp
 
     import jax_tx
 
-    dummy = jnp.ones((1, 1), dtype=jnp.int32)
-    variables = jax_tx.model_for(cfg).init(jax.random.key(seed), *[dummy] * (2 if cfg.arch == "seq2seq" else 1))
+    variables = jax_tx.model_for(cfg).init(jax.random.key(seed), *jax_tx.model.init_inputs(cfg))
     return flax_to_canonical(variables["params"], cfg)
 
 

@@ -32,13 +32,11 @@ def load_native(dst: str | Path, target: str, cfg: TransformerConfig) -> tuple[d
     container, path = _weights_file(Path(dst), target)
     if target == "flax":
         import jax
-        import jax.numpy as jnp
 
         import jax_tx
 
         model = jax_tx.model_for(cfg)
-        dummy = jnp.ones((1, 1), dtype=jnp.int32)
-        template = jax.eval_shape(model.init, jax.random.key(0), *[dummy] * (2 if cfg.arch == "seq2seq" else 1))
+        template = jax.eval_shape(model.init, jax.random.key(0), *jax_tx.model.init_inputs(cfg))
         if container == "orbax":
             import orbax.checkpoint as ocp
 

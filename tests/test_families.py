@@ -7,6 +7,7 @@ layers and weight names; bad arguments fail clearly.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -179,8 +180,7 @@ def test_bad_packing_arguments_fail_clearly(twin, call, error, message):
                 return model.classify(model(**tensors), tensors["src"] != 0)
             return model(**tensors)
         model = jax_tx.model_for(cfg)
-        ids = {"seq2seq": ("src", "tgt"), "encoder": ("src",), "decoder": ("tgt",)}[cfg.arch]
-        variables = model.init(jax_key(), *[jnp.ones((1, 1), jnp.int32)] * len(ids))
+        variables = model.init(jax.random.key(0), *jax_tx.model.init_inputs(cfg))
         arrays = {k: jnp.asarray(v) for k, v in arrays.items()}
         if classify:
             hidden = model.apply(variables, **arrays)
@@ -189,9 +189,3 @@ def test_bad_packing_arguments_fail_clearly(twin, call, error, message):
 
     with pytest.raises(error, match=message):
         call(run)
-
-
-def jax_key():
-    import jax
-
-    return jax.random.key(0)

@@ -63,7 +63,7 @@ def test_round_trips_are_lossless(cfg, seed, dtype):
         assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
     model.load_state_dict(back, strict=True)
 
-    params = jax_tx.model_for(cfg).init(jax.random.key(seed), *_dummy_ids(cfg))["params"]
+    params = jax_tx.model_for(cfg).init(jax.random.key(seed), *jax_tx.model.init_inputs(cfg))["params"]
     params_back = convert.torch_to_flax(convert.flax_to_torch(params, cfg), cfg)
     flat, flat_back = (jax.tree_util.tree_flatten_with_path(p) for p in (params, params_back))
     assert [path for path, _ in flat[0]] == [path for path, _ in flat_back[0]]
@@ -79,15 +79,10 @@ def test_key_sets_and_shapes_match_the_canonical_names(cfg):
     expected = canonical_shapes(cfg)
     state_dict = torch_tx.model_for(cfg).state_dict()
     assert {k: tuple(v.shape) for k, v in state_dict.items()} == expected
-    shapes = jax.eval_shape(jax_tx.model_for(cfg).init, jax.random.key(0), *_dummy_ids(cfg))["params"]
+    shapes = jax.eval_shape(jax_tx.model_for(cfg).init, jax.random.key(0), *jax_tx.model.init_inputs(cfg))["params"]
     flat = {"/".join(k.key for k in path): tuple(v.shape)
             for path, v in jax.tree_util.tree_flatten_with_path(shapes)[0]}
     key_map = convert.flax_key_map(cfg)
     assert set(flat) == {"/".join(p) for p in key_map}
     for path, (key, transpose) in key_map.items():
         assert flat["/".join(path)] == (expected[key][::-1] if transpose else expected[key])
-
-
-def _dummy_ids(cfg) -> list[np.ndarray]:
-    """The ids a model of cfg.arch is initialised with: (src, tgt) for seq2seq, one array otherwise."""
-    return [np.ones((1, 1), np.int32)] * (2 if cfg.arch == "seq2seq" else 1)
