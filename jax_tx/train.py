@@ -107,7 +107,7 @@ class Trainer:
     framework = "jax"
 
     def __init__(self, cfg: TransformerConfig, tcfg: TrainConfig, weights: Mapping[str, np.ndarray] | None = None,
-                 *, dtype: str = "float32", device: str = "cpu") -> None:
+                 *, dtype: str = "float32", device: str = "cpu", context=None) -> None:
         if dtype == "float64" and not jax.config.jax_enable_x64:
             jax.config.update("jax_enable_x64", True)
         self.cfg, self.tcfg, self.dtype = cfg, tcfg, DTYPES[dtype]

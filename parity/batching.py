@@ -24,7 +24,7 @@ and a resumed run picks it up at (epoch, index).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -66,6 +66,27 @@ class Batch:
         """The arrays the batch has, by field name."""
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if isinstance(getattr(self, f.name), np.ndarray)}
+
+    def pad_rows(self, multiple: int) -> "Batch":
+        """This batch with empty rows appended until B is a multiple of `multiple` (so it splits evenly over
+        devices or processes); the loss skips them, so loss sums and gradients are unchanged."""
+        extra = -len(self.labels) % multiple
+        if not extra:
+            return self
+        fill = {"labels": self.ignore, "src": self.pad_id, "tgt_in": self.pad_id}
+        return replace(self, **{name: np.concatenate([array, np.full((extra, *array.shape[1:]), fill.get(name, 0),
+                                                                      array.dtype)])  # [B + extra, ...]
+                                for name, array in self.arrays().items()})
+
+    def part(self, index: int, count: int) -> "Batch":
+        """Rows [index * B / count, (index + 1) * B / count) of a batch whose B is a multiple of `count`: one
+        process's share of a global batch."""
+        rows = len(self.labels)
+        if rows % count:
+            raise ValueError(f"a batch of {rows} rows does not split into {count} equal parts; pad_rows({count}) first")
+        size = rows // count
+        return replace(self, **{name: array[index * size:(index + 1) * size]  # [B / count, ...]
+                                for name, array in self.arrays().items()})
 
 
 @dataclass(frozen=True)

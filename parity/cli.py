@@ -105,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         last = run(args.framework, args.data, args.out, model=args.config, tcfg=tcfg, resume=args.resume,
                    init_from=args.init_from, dtype=args.dtype, device=args.device, limit=args.limit,
                    show=args.show, test_limit=args.test_limit, progress=not args.no_progress,
-                   dropout=args.dropout, arch=args.arch)
+                   dropout=args.dropout, arch=args.arch, mesh=args.mesh, fsdp=args.fsdp)
     except TrainError as e:
         print(f"twin train: {e}", file=sys.stderr)
         return 1
@@ -342,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--show", type=int, default=5, help="translations, predictions or continuations printed at "
                    "the end")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--mesh", metavar="data=N,fsdp=M", help="JAX: shard each batch over N*M devices, and the "
+                   "parameters and Adam moments over the fsdp axis (on CPU, N*M simulated devices)")
+    t.add_argument("--fsdp", action="store_true", help="torch under torchrun: FSDP2 (fully_shard: parameters, "
+                   "gradients and Adam moments sharded over the processes) instead of DDP")
     t.set_defaults(func=cmd_train)
     c = sub.add_parser("translate", help="translate text with a trained run (one output line per input)",
                        description="Translate each TEXT, or each line of stdin, with the model of RUN_DIR; prints "

@@ -423,14 +423,18 @@ def _check_writable(out: Path) -> None:
         raise TrainError(f"cannot write to output directory {out}: {e.strerror or e}") from None
 
 
-def _prepare_run_dir(out: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None for a new run); refuses to overwrite an existing run."""
+def _prepare_run_dir(out: Path, resume: bool, writer: bool = True) -> Path | None:
+    """The checkpoint to resume from (None for a new run); refuses to overwrite an existing run. Only the
+    `writer` (process 0) checks and creates `out`; the others only read it when they resume."""
     if resume:
         found = checkpoint_dirs(out)
         if not found:
             raise TrainError(f"--resume: {out} holds no checkpoint to resume from")
-        _check_writable(out)
+        if writer:
+            _check_writable(out)
         return found[-1]
+    if not writer:
+        return None
     if out.exists() and any(out.iterdir()):
         raise TrainError(f"{out} is not empty; pass --resume to continue the run there, or choose another --out")
     _check_writable(out)
@@ -441,6 +445,43 @@ def _trainer_class(framework: str):
     if framework not in FRAMEWORKS:
         raise TrainError(f"unknown framework {framework!r}; expected one of {', '.join(FRAMEWORKS)}")
     return importlib.import_module(f"{framework}_tx.train").Trainer
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """`data=N,fsdp=M` (either part may be left out: size 1) -> {"data": N, "fsdp": M}."""
+    sizes = {"data": 1, "fsdp": 1}
+    seen = set()
+    for part in spec.split(","):
+        name, sep, size = part.strip().partition("=")
+        if not sep or name not in sizes or name in seen or not size.isdigit() or int(size) < 1:
+            raise TrainError(f"--mesh {spec!r}: expected data=N,fsdp=M with axis names data and fsdp (each at most "
+                             f"once) and sizes >= 1, e.g. --mesh data=2,fsdp=4")
+        seen.add(name)
+        sizes[name] = int(size)
+    return sizes
+
+
+def _context(framework: str, device: str, mesh: str | None, fsdp: bool):
+    """The twin's `distributed.Context` of this process (None: one device, one process): a JAX mesh from
+    --mesh, or the torchrun process group (DDP, or FSDP2 with --fsdp)."""
+    if framework == "torch" and mesh is not None:
+        raise TrainError("--mesh is for --framework jax; PyTorch spreads a run over processes: torchrun "
+                         "--nproc-per-node N -m parity.cli train --framework torch [--fsdp] ...")
+    if framework == "jax" and fsdp:
+        raise TrainError("--fsdp is for --framework torch (under torchrun); JAX shards parameters over a mesh "
+                         "axis: --mesh data=N,fsdp=M")
+    distributed = importlib.import_module(f"{framework}_tx.distributed")
+    try:
+        if framework == "jax":
+            return distributed.setup(device, mesh=None if mesh is None else parse_mesh(mesh))
+        return distributed.setup(device, fsdp=fsdp)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+
+
+def _digest(text: str) -> int:
+    """A hex digest as an int64 that processes can compare."""
+    return int(text[:15], 16)
 
 
 def _batches(tokenizer: Tokenizer, examples: list[Example], corpus: Corpus, cfg: TransformerConfig,
@@ -489,12 +530,34 @@ def run(framework: str, data: str, out: str | os.PathLike, *, model: str | Trans
         tcfg: TrainConfig = TrainConfig(), resume: bool = False, init_from: str | os.PathLike | None = None,
         dtype: str = "float32", device: str = "cpu", limit: int | None = None, show: int = 5,
         test_limit: int | None = None, progress: bool = True, dropout: float | None = None,
-        arch: str | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
+        arch: str | None = None, echo: Callable[[str], None] = print, mesh: str | None = None,
+        fsdp: bool = False) -> dict[str, Any]:
     """Train (or resume) a run of `arch` (default seq2seq; a resumed run or --init-from checkpoint's own) in
-    `out`; returns the last train/valid/test records (and `interrupted`)."""
+    `out`; returns the last train/valid/test records (and `interrupted`).
+
+    Spread over devices (JAX: `mesh` "data=N,fsdp=M") or torchrun processes (torch: DDP, or FSDP2 with `fsdp`),
+    every process reads the same data and batches; process 0 alone writes and prints, and the processes check
+    that they agree on the tokenizer, the data and each checkpoint's step."""
     out = Path(out)
     Trainer = _trainer_class(framework)
-    resume_from = _prepare_run_dir(out, resume)
+    context = _context(framework, device, mesh, fsdp)
+    try:
+        return _run(Trainer, context, framework, data, out, model=model, tcfg=tcfg, resume=resume,
+                    init_from=init_from, dtype=dtype, device=device, limit=limit, show=show, test_limit=test_limit,
+                    progress=progress, dropout=dropout, arch=arch, echo=echo)
+    finally:
+        if context is not None:
+            context.close()
+
+
+def _run(Trainer, context, framework: str, data: str, out: Path, *, model: str | TransformerConfig,
+         tcfg: TrainConfig, resume: bool, init_from: str | os.PathLike | None, dtype: str, device: str,
+         limit: int | None, show: int, test_limit: int | None, progress: bool, dropout: float | None,
+         arch: str | None, echo: Callable[[str], None]) -> dict[str, Any]:
+    writer = context is None or context.rank == 0
+    if not writer:
+        echo = _silent
+    resume_from = _prepare_run_dir(out, resume, writer)
     arch = (_resolve_arch(arch, out, "the run in") if resume_from is not None else
             _resolve_arch(arch, None if init_from is None else Path(init_from), "the checkpoint"))
     try:
@@ -532,6 +595,13 @@ def run(framework: str, data: str, out: str | os.PathLike, *, model: str | Trans
             raise TrainError(f"--data {data}: not the training data of the run in {out} (it was trained on "
                              f"{meta.get('data_name')!r}); resume with the same --data")
 
+    if context is not None:
+        try:
+            context.check_same("tokenizer", _digest(tokenizer.fingerprint()))
+            context.check_same("training data", _digest(corpus.fingerprint()))
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+        echo(f"distributed: {context.describe()}")
     train_batches = _batches(tokenizer, corpus.train, corpus, cfg, tcfg, shuffle=True)
     valid_batches = _batches(tokenizer, corpus.valid, corpus, cfg, tcfg, shuffle=False)
     if train_batches.dropped:
@@ -540,7 +610,7 @@ def run(framework: str, data: str, out: str | os.PathLike, *, model: str | Trans
     padding = padding_report(train_batches)
     echo(f"padding: {padding['unpacked']:.1%}" + (f" -> {padding['packed']:.1%}" if tcfg.pack else "") +
          f" of positions{f' (packed rows of {cfg.max_len})' if tcfg.pack else ''}")
-    if resume_from is None:
+    if resume_from is None and writer:
         tokenizer.save(out / TOKENIZER_FILE)
         _write_json(out / TRAIN_CONFIG_FILE, {"framework": framework, "arch": arch, "data": str(data),
                                               "model": str(model) if not isinstance(model, TransformerConfig)
@@ -549,33 +619,47 @@ def run(framework: str, data: str, out: str | os.PathLike, *, model: str | Trans
                                               "labels": None if corpus.labels is None else list(corpus.labels),
                                               "padding": padding, "train": tcfg.to_dict()})
         atomic_write_bytes(out / CONFIG_FILE, cfg.to_json().encode())
-    trainer = Trainer(cfg, tcfg, init_weights, dtype=dtype, device=device)
+    trainer = Trainer(cfg, tcfg, init_weights, dtype=dtype, device=device, context=context)
     step, position = 0, Position()
     records = read_metrics(out)
     if resume_from is not None:
         trainer.load_state(state)
         step, position = state.step, Position(*meta["position"])
         records = [r for r in records if r["step"] <= step]
-        atomic_write_bytes(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records).encode())
+        if writer:
+            atomic_write_bytes(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records).encode())
         echo(f"resuming {out} at step {step} ({framework})")
 
     def checkpoint() -> Path:
         meta = {"framework": framework, "position": [position.epoch, position.index], "seed": tcfg.seed,
                 "tokenizer": tokenizer.fingerprint(), "data": corpus.fingerprint(), "data_name": corpus.name,
                 "dtype": dtype}
-        return save_training_checkpoint(out, cfg, trainer.export_state(step), meta, tcfg.keep)
+        state = trainer.export_state(step)  # every process takes part: the shards are gathered
+        if context is not None:
+            try:
+                context.check_same("step", step)
+            except ValueError as e:
+                raise TrainError(str(e)) from None
+        if not writer:
+            return out / CHECKPOINTS / f"step_{step:07d}"
+        return save_training_checkpoint(out, cfg, state, meta, tcfg.keep)
 
     def log(record: dict[str, Any]) -> None:
         records.append(record)
-        with open(out / METRICS_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if writer:
+            with open(out / METRICS_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
-    window, last_saved, last = _Window(step), resume_from, {}
-    bar = _progress(progress, tcfg.steps, step)
+    def stop_now() -> bool:
+        """Ctrl-C seen by any process (they all stop after the same step)."""
+        return stop.requested if context is None else context.any(stop.requested)
+
+    window, last_saved, last, stopping = _Window(step), resume_from, {}, False
+    bar = _progress(progress and writer, tcfg.steps, step)
     with _StopOnSigint() as stop:
         stream = train_batches.stream(position)
         try:
-            while step < tcfg.steps and not stop.requested:
+            while step < tcfg.steps and not stopping:
                 following, batch = next(stream)
                 window.add(trainer.train_step(batch))
                 step, position = step + 1, following
@@ -590,8 +674,10 @@ def run(framework: str, data: str, out: str | os.PathLike, *, model: str | Trans
                     window.settle()
                     last["valid"] = evaluate(trainer, valid_batches, step)
                     log(last["valid"])
-                    plot_losses(out, records)
-                if step % tcfg.save_every == 0 or step == tcfg.steps or stop.requested:
+                    if writer:
+                        plot_losses(out, records)
+                stopping = stop_now()
+                if step % tcfg.save_every == 0 or step == tcfg.steps or stopping:
                     window.settle()
                     last_saved = checkpoint()
                 window.exclude(time.perf_counter() - start)
@@ -600,10 +686,10 @@ def run(framework: str, data: str, out: str | os.PathLike, *, model: str | Trans
             raise TrainError(f"loss became {e.loss} at step {e.step}; stopped, {kept}") from None
         finally:
             bar.close()
-        if stop.requested:
+        if stopping:
             echo(f"interrupted at step {step}: saved {last_saved}; continue with --resume")
             return {**last, "interrupted": True}
-    if records:
+    if records and writer:
         plot_losses(out, records)
     if "valid" in last:
         valid = last["valid"]
@@ -662,6 +748,10 @@ def _test_language_model(trainer, tokenizer: Tokenizer, corpus: Corpus, examples
          f"of {len(texts)} reproduce the held-out text")
     return {"loss": scores["loss"], "nll": scores["nll"], "ppl": scores["ppl"], "accuracy": scores["accuracy"],
             "tokens": scores["tokens"], "exact_match": match, "continued": len(texts), "sample": outputs[0]}
+
+
+def _silent(text: str) -> None:
+    """The echo of processes other than 0."""
 
 
 def _progress(enabled: bool, total: int, initial: int):

@@ -110,7 +110,7 @@ class Trainer:
     framework = "torch"
 
     def __init__(self, cfg: TransformerConfig, tcfg: TrainConfig, weights: Mapping[str, np.ndarray] | None = None,
-                 *, dtype: str = "float32", device: str = "cpu") -> None:
+                 *, dtype: str = "float32", device: str = "cpu", context=None) -> None:
         self.cfg, self.tcfg, self.device = cfg, tcfg, torch.device(device)
         torch.manual_seed(tcfg.seed)
         self.model = model_for(cfg).to(self.device, DTYPES[dtype])
