@@ -10,7 +10,7 @@ canonical names (numpy), so a run can resume in the other framework.
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from jax_tx import distributed
 from jax_tx.decoding import generate
 from jax_tx.model import init_inputs, model_for
 from parity.batching import PACKING, Batch, label_pad
@@ -75,14 +76,18 @@ def make_optimizer(cfg: TransformerConfig, tcfg: TrainConfig) -> optax.GradientT
 
 
 def train_step(state: train_state.TrainState, batch: Mapping[str, jnp.ndarray], rng: jax.Array, *,
-               cfg: TransformerConfig, tcfg: TrainConfig) -> tuple[train_state.TrainState, dict[str, jnp.ndarray]]:
+               cfg: TransformerConfig, tcfg: TrainConfig,
+               unshard: Callable[[Any], Any] | None = None) -> tuple[train_state.TrainState, dict[str, jnp.ndarray]]:
     """One update on `batch` (the arrays of a `Batch`); returns the new state, loss sums, grad norm and lr.
 
-    Pure: bind cfg/tcfg with functools.partial and jit with the state donated (see `Trainer`).
+    Pure: bind cfg/tcfg with functools.partial and jit with the state donated (see `Trainer`). `unshard`
+    (fully sharded runs) lays the parameters out whole for the forward and backward passes; its transpose
+    reduce-scatters the gradients back onto the shards, where clipping and Adam run.
     """
     dropout_rng = jax.random.fold_in(rng, state.step)
 
     def loss_fn(params):
+        params = params if unshard is None else unshard(params)
         logits = logits_of(state.apply_fn, {"params": params}, batch, cfg.arch, deterministic=False,
                            rngs={"dropout": dropout_rng})  # [B, T, V] or [B, C]
         terms = loss_terms(logits, batch["labels"], label_pad(cfg.arch, cfg.pad_id), tcfg.label_smoothing)
@@ -94,15 +99,27 @@ def train_step(state: train_state.TrainState, batch: Mapping[str, jnp.ndarray], 
     return state.apply_gradients(grads=grads), terms
 
 
+def _keyed_train_step(state: train_state.TrainState, batch: Mapping[str, jnp.ndarray], key_data: jax.Array, *,
+                      cfg: TransformerConfig, tcfg: TrainConfig, unshard: Callable[[Any], Any] | None = None):
+    """`train_step` with the dropout key passed as its raw key data (a uint32 array, laid out like any other)."""
+    return train_step(state, batch, jax.random.wrap_key_data(key_data), cfg=cfg, tcfg=tcfg, unshard=unshard)
+
+
 def eval_step(state: train_state.TrainState, batch: Mapping[str, jnp.ndarray], *, cfg: TransformerConfig,
-              tcfg: TrainConfig) -> dict[str, jnp.ndarray]:
-    """Loss sums of `batch` without dropout or update."""
-    logits = logits_of(state.apply_fn, {"params": state.params}, batch, cfg.arch)  # [B, T, V] or [B, C]
+              tcfg: TrainConfig, unshard: Callable[[Any], Any] | None = None) -> dict[str, jnp.ndarray]:
+    """Loss sums of `batch` without dropout or update (`unshard`: as in `train_step`)."""
+    params = state.params if unshard is None else unshard(state.params)
+    logits = logits_of(state.apply_fn, {"params": params}, batch, cfg.arch)  # [B, T, V] or [B, C]
     return loss_terms(logits, batch["labels"], label_pad(cfg.arch, cfg.pad_id), tcfg.label_smoothing)
 
 
 class Trainer:
-    """The JAX side of `parity.train`: a flax TrainState of `model_for(cfg)`, the dropout key and the jitted step."""
+    """The JAX side of `parity.train`: a flax TrainState of `model_for(cfg)`, the dropout key and the jitted step.
+
+    `context` (`jax_tx.distributed.setup`): the state lives sharded on its mesh (parameters and Adam moments
+    over the fsdp axis) and each global batch is split by rows over all its devices; without one, a 1 x 1 mesh
+    of `device`. The step is the same jitted function either way.
+    """
 
     framework = "jax"
 
@@ -111,24 +128,43 @@ class Trainer:
         if dtype == "float64" and not jax.config.jax_enable_x64:
             jax.config.update("jax_enable_x64", True)
         self.cfg, self.tcfg, self.dtype = cfg, tcfg, DTYPES[dtype]
-        self.device = jax.devices("gpu" if device == "cuda" else device)[0]
+        self.context = context or distributed.single_device(device)
+        self.device = self.context.mesh.devices.flat[0] if context is None else jax.local_devices()[0]
         self.model = model_for(cfg)
-        init_rng, self.rng = jax.random.split(jax.random.key(tcfg.seed))
+        init_rng, rng = jax.random.split(jax.random.key(tcfg.seed))
         if weights is None:
-            params = self.model.init(init_rng, *init_inputs(cfg))["params"]
+            params = jax.device_get(self.model.init(init_rng, *init_inputs(cfg))["params"])
         else:
             params = canonical_to_flax(weights, cfg)
-        self.train_state = train_state.TrainState.create(apply_fn=self.model.apply, params=self._put(params),
-                                                         tx=make_optimizer(cfg, tcfg))
-        self._train_step = jax.jit(functools.partial(train_step, cfg=cfg, tcfg=tcfg), donate_argnums=0)
-        self._eval_step = jax.jit(functools.partial(eval_step, cfg=cfg, tcfg=tcfg))
+        create = functools.partial(train_state.TrainState.create, apply_fn=self.model.apply,
+                                   tx=make_optimizer(cfg, tcfg))
+        self.shardings = self.context.shardings(jax.eval_shape(lambda p: create(params=p), self._host(params)))
+        self.train_state = jax.jit(lambda p: create(params=p), out_shardings=self.shardings)(
+            self.context.put(self._host(params), self.shardings.params))
+        self.rng = self.context.put(jax.random.key_data(rng), self.context.replicated)
+        batch, replicated = self.context.batch_sharding, self.context.replicated
+        unshard = None if self.context.strategy != "fsdp" else functools.partial(
+            jax.lax.with_sharding_constraint, shardings=replicated)
+        self._train_step = jax.jit(functools.partial(_keyed_train_step, cfg=cfg, tcfg=tcfg, unshard=unshard),
+                                   in_shardings=(self.shardings, batch, replicated),
+                                   out_shardings=(self.shardings, replicated), donate_argnums=0)
+        self._eval_step = jax.jit(functools.partial(eval_step, cfg=cfg, tcfg=tcfg, unshard=unshard),
+                                  in_shardings=(self.shardings, batch), out_shardings=replicated)
         self._classify = jax.jit(lambda params, src: self.model.apply({"params": params}, src)[1].argmax(-1))
 
-    def _put(self, tree):
-        return jax.device_put(jax.tree_util.tree_map(lambda a: jnp.asarray(a, self.dtype), tree), self.device)
+    def _host(self, tree):
+        """A params-shaped tree as numpy arrays of the trainer's dtype."""
+        return jax.tree_util.tree_map(lambda a: np.asarray(a, self.dtype), tree)
 
-    def _arrays(self, batch: Batch) -> dict[str, jnp.ndarray]:
-        return {name: jax.device_put(array, self.device) for name, array in batch.arrays().items()}
+    def _arrays(self, batch: Batch) -> dict[str, jax.Array]:
+        """The global batch, padded with empty rows to a multiple of the mesh size and split over it."""
+        return self.context.put_batch(batch.pad_rows(self.context.devices).arrays())
+
+    def _local_params(self):
+        """The parameters whole on this process's first device (for decoding)."""
+        if self.context.devices == 1:
+            return self.train_state.params
+        return jax.device_put(self.context.gather(self.train_state.params), self.device)
 
     def train_step(self, batch: Batch) -> dict[str, jax.Array]:
         """One update; the metrics are device scalars, not waited for (`float()` them when needed)."""
@@ -140,29 +176,31 @@ class Trainer:
 
     def greedy(self, src: np.ndarray, *, max_new_tokens: int, bos_id: int, eos_id: int) -> np.ndarray:
         """Greedy translations of src (seq2seq), or continuations of the prompts src (decoder): `generate`."""
-        return np.asarray(generate(self.model, self.train_state.params, jax.device_put(src, self.device),
+        return np.asarray(generate(self.model, self._local_params(), jax.device_put(src, self.device),
                                    max_new_tokens=max_new_tokens, bos_id=bos_id, eos_id=eos_id))
 
     def classify(self, src: np.ndarray) -> np.ndarray:
         """The most likely class of each row of src (B, S) (encoder) -> (B,)."""
-        return np.asarray(self._classify(self.train_state.params, jax.device_put(src, self.device)))
+        return np.asarray(self._classify(self._local_params(), jax.device_put(src, self.device)))
 
 
     def weights(self) -> dict[str, np.ndarray]:
-        return flax_to_canonical(jax.device_get(self.train_state.params), self.cfg)
+        return flax_to_canonical(self.context.gather(self.train_state.params), self.cfg)
 
     def export_state(self, step: int) -> TrainState:
         """Weights, Adam moments (canonical names, tied names repeated) after `step` updates."""
-        mu, nu = (jax.device_get(optax.tree_utils.tree_get(self.train_state.opt_state, name)) for name in ("mu", "nu"))
+        mu, nu = (self.context.gather(optax.tree_utils.tree_get(self.train_state.opt_state, name))
+                  for name in ("mu", "nu"))
         return TrainState(step=step, weights=self.weights(), exp_avg=flax_to_canonical(mu, self.cfg),
                           exp_avg_sq=flax_to_canonical(nu, self.cfg))
 
     def load_state(self, state: TrainState) -> None:
         """Continue exactly where `state` stopped (it may come from either framework)."""
-        params = self._put(canonical_to_flax(state.weights, self.cfg))
+        params = self._host(canonical_to_flax(state.weights, self.cfg))
         opt_state = optax.tree_utils.tree_set(
-            self.train_state.tx.init(params), mu=self._put(canonical_to_flax(state.exp_avg, self.cfg)),
-            nu=self._put(canonical_to_flax(state.exp_avg_sq, self.cfg)), count=jnp.asarray(state.step, jnp.int32))
-        opt_state = jax.tree_util.tree_map(jnp.copy, opt_state)  # one buffer per leaf: the step donates them
-        self.train_state = self.train_state.replace(step=state.step, params=params, opt_state=opt_state)
+            self.train_state.tx.init(params), mu=self._host(canonical_to_flax(state.exp_avg, self.cfg)),
+            nu=self._host(canonical_to_flax(state.exp_avg_sq, self.cfg)), count=np.asarray(state.step, np.int32))
+        host = self.train_state.replace(step=np.asarray(state.step, np.int32), params=params,
+                                        opt_state=jax.device_get(opt_state))
+        self.train_state = self.context.put(host, self.shardings)
 
