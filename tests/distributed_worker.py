@@ -66,7 +66,8 @@ def compare(arch: str, strategy: str, dtype: str, cfg, batches, src: np.ndarray,
         result.setdefault("sums", []).append({k: float(v) for k, v in b.items()})
     result["weights"] = relative(single.weights(), spread.weights())
     state_a, state_b = single.export_state(3), spread.export_state(3)
-    result["moments"] = max(relative(state_a.exp_avg, state_b.exp_avg), relative(state_a.exp_avg_sq, state_b.exp_avg_sq))
+    result["moments"] = max(relative(state_a.exp_avg, state_b.exp_avg),
+                            relative(state_a.exp_avg_sq, state_b.exp_avg_sq))
     result["eval"] = metric_gap(single.eval_step(batches[3]), spread.eval_step(batches[3]))
     if arch == "encoder":
         result["decoded"] = bool(np.array_equal(single.classify(src), spread.classify(src)))
