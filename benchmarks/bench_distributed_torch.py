@@ -78,7 +78,7 @@ def worker(args: argparse.Namespace) -> None:
               "adam_bytes_per_process": distributed.local_bytes(moments),
               "param_bytes_total": sum(p.numel() * p.element_size() for p in
                                        {id(p): p for p in trainer.params.values()}.values()),
-              "max_rss_mib": float((rss if context is None else context.gather(rss)).max())}
+              "max_rss_mib": float((rss if context is None else context.all_gather(rss)).max())}
     if context is not None:
         context.close()
     if context is None or context.rank == 0:

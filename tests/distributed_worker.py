@@ -40,7 +40,7 @@ def metric_gap(a: dict, b: dict) -> float:
     return max(abs(float(a[k]) - float(b[k])) / max(abs(float(a[k])), 1.0) for k in a)
 
 
-def batches_of(arch: str, corpus, tokenizer, count: int) -> list:
+def batches_of(arch: str, corpus, tokenizer, count: int, pack: bool = False) -> list:
     first = tokenizer.encode([e[0] for e in corpus.train])
     if arch == "seq2seq":
         kw = dict(src=first, tgt=tokenizer.encode([e[1] for e in corpus.train]))
@@ -50,7 +50,7 @@ def batches_of(arch: str, corpus, tokenizer, count: int) -> list:
         index = {label: i for i, label in enumerate(corpus.labels)}
         kw = dict(src=first, tgt=None, classes=[index[e[1]] for e in corpus.train])
     batcher = Batcher(**kw, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-                      max_tokens=TCFG.max_tokens, max_len=64, bucket_step=TCFG.bucket_step, seed=TCFG.seed)
+                      max_tokens=TCFG.max_tokens, max_len=64, bucket_step=TCFG.bucket_step, seed=TCFG.seed, pack=pack)
     stream = batcher.stream()
     return [next(stream)[1] for _ in range(count)]
 
@@ -93,19 +93,20 @@ def main(out: Path) -> None:
     tokenizer = train_tokenizer((s for pair in corpus["seq2seq"].train for s in pair), vocab_size=200)
     report: dict = {"rank": rank, "describe": {}, "runs": {}}
     src = batches_of("seq2seq", corpus["seq2seq"], tokenizer, 1)[0].src[:5]  # [5, S]: odd, padded rows
-    cases = [("seq2seq", "ddp", "float64", True), ("seq2seq", "fsdp", "float64", True),
-             ("seq2seq", "ddp", "float32", False), ("seq2seq", "fsdp", "float32", False),
-             ("encoder", "fsdp", "float64", False), ("decoder", "fsdp", "float64", True)]
-    for arch, strategy, dtype, tied in cases:
+    cases = [("seq2seq", "ddp", "float64", True, False), ("seq2seq", "fsdp", "float64", True, False),
+             ("seq2seq", "ddp", "float32", False, False), ("seq2seq", "fsdp", "float32", False, False),
+             ("encoder", "fsdp", "float64", False, False), ("decoder", "fsdp", "float64", True, False),
+             ("decoder", "ddp", "float64", False, True)]
+    for arch, strategy, dtype, tied, pack in cases:
         data = corpus[arch]
         cfg = model_config("tiny", tokenizer.vocab_size, arch, None if data.labels is None else len(data.labels))
         cfg = cfg.replace(dropout=0.0)
         if tied:
             cfg = cfg.replace(tie_output=True, share_embeddings=arch == "seq2seq")
-        batches = batches_of(arch, data, tokenizer, 4)
+        batches = batches_of(arch, data, tokenizer, 4, pack)
         ctx = context if strategy == "ddp" else distributed.Context(context.device, "fsdp")
         report["describe"][strategy] = ctx.describe()
-        report["runs"][f"{arch}-{strategy}-{dtype}"] = {"rows": [len(b.labels) for b in batches],
+        report["runs"][f"{arch}{'-packed' * pack}-{strategy}-{dtype}"] = {"rows": [len(b.labels) for b in batches],
                                                         **compare(arch, strategy, dtype, cfg, batches, src, ctx)}
 
     report["check_same_ok"] = context.check_same("same", 7) is None

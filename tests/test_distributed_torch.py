@@ -82,7 +82,7 @@ def ddp(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 
 
 def test_trainer_under_ddp_and_fsdp_is_the_single_process_trainer(tmp_path):
-    """Per arch, strategy and dtype (tied and shared embeddings under FSDP2 too): 3 steps, evaluation, decoding,
+    """Per arch, strategy and dtype (tied and shared embeddings, packed rows): 3 steps, evaluation, decoding,
     and a fourth step after loading the other's state, against the single-process Trainer; Context's
     collectives; each process's own dropout stream, restored on resume."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -92,7 +92,7 @@ def test_trainer_under_ddp_and_fsdp_is_the_single_process_trainer(tmp_path):
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert reports[0]["runs"] == reports[1]["runs"]
     runs = reports[0]["runs"]
-    assert len(runs) == 6
+    assert len(runs) == 7
     assert any(rows % 2 for run in runs.values() for rows in run["rows"])  # a batch that needs a padding row
     for name, run in runs.items():
         tolerance = 1e-12 if name.endswith("float64") else 1e-5

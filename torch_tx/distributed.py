@@ -72,7 +72,7 @@ class Context:
 
     def check_same(self, name: str, value: int) -> None:
         """Raise ValueError unless every process passes the same `value`."""
-        values = self.gather(torch.tensor([value], dtype=torch.int64)).ravel().tolist()  # [P]
+        values = self.all_gather(torch.tensor([value], dtype=torch.int64)).ravel().tolist()  # [P]
         if len(set(values)) > 1:
             raise ValueError(f"processes disagree on {name}: {values} (by process)")
 
@@ -88,7 +88,7 @@ class Context:
         dist.all_reduce(total)
         return total
 
-    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every process's `tensor` (the same shape everywhere), stacked by rank on the CPU: (P, ...)."""
         local = tensor.detach().to(self.device)
         parts = [torch.empty_like(local) for _ in range(self.processes)]

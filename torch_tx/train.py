@@ -231,7 +231,7 @@ class Trainer:
                 arrays[key] = to_numpy(whole(slot[moment])) if moment in slot else np.zeros_like(weights[key])
         rng = {"torch": torch.get_rng_state().numpy()}
         if self.context is not None:
-            rng[PROCESS_RNG] = self.context.gather(torch.get_rng_state()).numpy()  # [P, N]
+            rng[PROCESS_RNG] = self.context.all_gather(torch.get_rng_state()).numpy()  # [P, N]
         return TrainState(step=step, weights=weights, exp_avg=moments["exp_avg"],
                           exp_avg_sq=moments["exp_avg_sq"], rng=rng)
 
