@@ -65,9 +65,8 @@ class Context:
 
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(\w+\) returned a view tensor",
                                 category=UserWarning)
-        for module in model.modules():
-            if isinstance(module, (EncoderLayer, DecoderLayer)):
-                fully_shard(module, mesh=self.mesh)
+        for layer in [m for m in model.modules() if isinstance(m, (EncoderLayer, DecoderLayer))]:
+            fully_shard(layer, mesh=self.mesh)
         return fully_shard(model, mesh=self.mesh)
 
     def check_same(self, name: str, value: int) -> None:
