@@ -132,9 +132,9 @@ def setup(device: str, *, mesh: Mapping[str, int] | None = None, coordinator: st
           num_processes: int | None = None, process_id: int | None = None) -> Context | None:
     """The Context of a mesh of {"data": N, "fsdp": M} devices (None without a mesh).
 
-    Multi-host: pass `coordinator` ("host:port" of process 0), `num_processes` and `process_id` (or set none of
-    them on a cluster `jax.distributed.initialize` detects by itself, with `num_processes` = 0); the mesh then
-    spans the devices of all processes.
+    Multi-host: pass `coordinator` ("host:port" of process 0), `num_processes` and `process_id` (what
+    `jax.distributed.initialize` takes); the mesh then spans the devices of all processes (on CPU each process
+    gets N*M / num_processes simulated devices).
     """
     if mesh is None:
         if coordinator is not None or num_processes is not None:
@@ -147,7 +147,9 @@ def setup(device: str, *, mesh: Mapping[str, int] | None = None, coordinator: st
     needed = sizes["data"] * sizes["fsdp"]
     multihost = coordinator is not None or num_processes is not None
     if multihost:
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes or None,
+        if device == "cpu":
+            _ensure_cpu_devices(-(-needed // max(num_processes or 1, 1)))
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id)
     platform = "gpu" if device == "cuda" else device
     if platform == "cpu" and not multihost:

@@ -93,6 +93,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.framework == "jax" and args.device == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     defaults = TrainConfig()
+    hosts = {name: getattr(args, name) for name in ("coordinator", "num_processes", "process_id")
+             if getattr(args, name) is not None}
     try:
         tcfg = TrainConfig(steps=args.steps, max_tokens=args.max_tokens, lr_factor=args.lr_factor,
                            warmup_steps=args.warmup, label_smoothing=args.label_smoothing, clip_norm=args.clip_norm,
@@ -105,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         last = run(args.framework, args.data, args.out, model=args.config, tcfg=tcfg, resume=args.resume,
                    init_from=args.init_from, dtype=args.dtype, device=args.device, limit=args.limit,
                    show=args.show, test_limit=args.test_limit, progress=not args.no_progress,
-                   dropout=args.dropout, arch=args.arch, mesh=args.mesh, fsdp=args.fsdp)
+                   dropout=args.dropout, arch=args.arch, mesh=args.mesh, fsdp=args.fsdp, hosts=hosts)
     except TrainError as e:
         print(f"twin train: {e}", file=sys.stderr)
         return 1
@@ -346,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "parameters and Adam moments over the fsdp axis (on CPU, N*M simulated devices)")
     t.add_argument("--fsdp", action="store_true", help="torch under torchrun: FSDP2 (fully_shard: parameters, "
                    "gradients and Adam moments sharded over the processes) instead of DDP")
+    t.add_argument("--coordinator", metavar="HOST:PORT", help="JAX on several hosts: process 0's address, passed "
+                   "to jax.distributed.initialize with --num-processes and --process-id; --mesh spans all their "
+                   "devices")
+    t.add_argument("--num-processes", type=int, help="JAX on several hosts: how many processes (one per host)")
+    t.add_argument("--process-id", type=int, help="JAX on several hosts: this process's index, 0 to "
+                   "--num-processes - 1")
     t.set_defaults(func=cmd_train)
     c = sub.add_parser("translate", help="translate text with a trained run (one output line per input)",
                        description="Translate each TEXT, or each line of stdin, with the model of RUN_DIR; prints "

@@ -461,9 +461,13 @@ def parse_mesh(spec: str) -> dict[str, int]:
     return sizes
 
 
-def _context(framework: str, device: str, mesh: str | None, fsdp: bool):
+def _context(framework: str, device: str, mesh: str | None, fsdp: bool, hosts: Mapping[str, Any] | None = None):
     """The twin's `distributed.Context` of this process (None: one device, one process): a JAX mesh from
-    --mesh, or the torchrun process group (DDP, or FSDP2 with --fsdp)."""
+    --mesh (over the devices of several processes with `hosts`: coordinator, num_processes, process_id), or
+    the torchrun process group (DDP, or FSDP2 with --fsdp)."""
+    if framework == "torch" and hosts:
+        raise TrainError("--coordinator/--num-processes/--process-id are for --framework jax; torch runs on several "
+                         "machines under torchrun --nnodes M --nproc-per-node N --rdzv-endpoint HOST:PORT ...")
     if framework == "torch" and mesh is not None:
         raise TrainError("--mesh is for --framework jax; PyTorch spreads a run over processes: torchrun "
                          "--nproc-per-node N -m parity.cli train --framework torch [--fsdp] ...")
@@ -473,7 +477,7 @@ def _context(framework: str, device: str, mesh: str | None, fsdp: bool):
     distributed = importlib.import_module(f"{framework}_tx.distributed")
     try:
         if framework == "jax":
-            return distributed.setup(device, mesh=None if mesh is None else parse_mesh(mesh))
+            return distributed.setup(device, mesh=None if mesh is None else parse_mesh(mesh), **(hosts or {}))
         return distributed.setup(device, fsdp=fsdp)
     except ValueError as e:
         raise TrainError(str(e)) from None
@@ -531,16 +535,18 @@ def run(framework: str, data: str, out: str | os.PathLike, *, model: str | Trans
         dtype: str = "float32", device: str = "cpu", limit: int | None = None, show: int = 5,
         test_limit: int | None = None, progress: bool = True, dropout: float | None = None,
         arch: str | None = None, echo: Callable[[str], None] = print, mesh: str | None = None,
-        fsdp: bool = False) -> dict[str, Any]:
+        fsdp: bool = False, hosts: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Train (or resume) a run of `arch` (default seq2seq; a resumed run or --init-from checkpoint's own) in
     `out`; returns the last train/valid/test records (and `interrupted`).
 
     Spread over devices (JAX: `mesh` "data=N,fsdp=M") or torchrun processes (torch: DDP, or FSDP2 with `fsdp`),
     every process reads the same data and batches; process 0 alone writes and prints, and the processes check
-    that they agree on the tokenizer, the data and each checkpoint's step."""
+    that they agree on the tokenizer, the data and each checkpoint's step. A JAX mesh spans several processes
+    (hosts) with `hosts` = {"coordinator": "host:port", "num_processes": P, "process_id": i}, passed to
+    `jax.distributed.initialize`."""
     out = Path(out)
     Trainer = _trainer_class(framework)
-    context = _context(framework, device, mesh, fsdp)
+    context = _context(framework, device, mesh, fsdp, hosts)
     try:
         return _run(Trainer, context, framework, data, out, model=model, tcfg=tcfg, resume=resume,
                     init_from=init_from, dtype=dtype, device=device, limit=limit, show=show, test_limit=test_limit,
