@@ -631,6 +631,11 @@ def _run(Trainer, context, framework: str, data: str, out: Path, *, model: str |
     if resume_from is not None:
         trainer.load_state(state)
         step, position = state.step, Position(*meta["position"])
+        if context is not None:
+            try:
+                context.check_same("the step to resume from", step)
+            except ValueError as e:
+                raise TrainError(str(e)) from None
         records = [r for r in records if r["step"] <= step]
         if writer:
             atomic_write_bytes(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records).encode())
