@@ -483,6 +483,15 @@ def _context(framework: str, device: str, mesh: str | None, fsdp: bool, hosts: M
         raise TrainError(str(e)) from None
 
 
+def _agree(context, **values: int) -> None:
+    """TrainError unless every process passes the same values (names with _ for spaces)."""
+    try:
+        for name, value in values.items():
+            context.check_same(name.replace("_", " "), value)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+
+
 def _digest(text: str) -> int:
     """A hex digest as an int64 that processes can compare."""
     return int(text[:15], 16)
@@ -602,11 +611,7 @@ def _run(Trainer, context, framework: str, data: str, out: Path, *, model: str |
                              f"{meta.get('data_name')!r}); resume with the same --data")
 
     if context is not None:
-        try:
-            context.check_same("tokenizer", _digest(tokenizer.fingerprint()))
-            context.check_same("training data", _digest(corpus.fingerprint()))
-        except ValueError as e:
-            raise TrainError(str(e)) from None
+        _agree(context, tokenizer=_digest(tokenizer.fingerprint()), training_data=_digest(corpus.fingerprint()))
         echo(f"distributed: {context.describe()}")
     train_batches = _batches(tokenizer, corpus.train, corpus, cfg, tcfg, shuffle=True)
     valid_batches = _batches(tokenizer, corpus.valid, corpus, cfg, tcfg, shuffle=False)
@@ -632,10 +637,7 @@ def _run(Trainer, context, framework: str, data: str, out: Path, *, model: str |
         trainer.load_state(state)
         step, position = state.step, Position(*meta["position"])
         if context is not None:
-            try:
-                context.check_same("the step to resume from", step)
-            except ValueError as e:
-                raise TrainError(str(e)) from None
+            _agree(context, step_to_resume_from=step)
         records = [r for r in records if r["step"] <= step]
         if writer:
             atomic_write_bytes(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records).encode())
@@ -647,10 +649,7 @@ def _run(Trainer, context, framework: str, data: str, out: Path, *, model: str |
                 "dtype": dtype}
         state = trainer.export_state(step)  # every process takes part: the shards are gathered
         if context is not None:
-            try:
-                context.check_same("step", step)
-            except ValueError as e:
-                raise TrainError(str(e)) from None
+            _agree(context, step=step)
         if not writer:
             return out / CHECKPOINTS / f"step_{step:07d}"
         return save_training_checkpoint(out, cfg, state, meta, tcfg.keep)
