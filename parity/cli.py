@@ -256,7 +256,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import runpy
     from pathlib import Path
 
-    name = "bench_convert.py" if args.convert else "bench_decode.py" if args.decode else "bench_train.py"
+    name = ("bench_convert.py" if args.convert else "bench_decode.py" if args.decode else
+            "bench_scaling.py" if args.scaling else "bench_train.py")
     script = Path(__file__).resolve().parents[1] / "benchmarks" / name
     if not script.is_file():
         raise SystemExit(f"twin bench: benchmarks/{name} ships with the source repository; "
@@ -413,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(benchmarks/bench_decode.py)")
     b.add_argument("--convert", action="store_true", help="time and peak RSS of twin convert on a >= 1 GB checkpoint "
                    "between every format, against reading the file once (benchmarks/bench_convert.py)")
+    b.add_argument("--scaling", action="store_true", help="step time and per-device memory of JAX meshes and "
+                   "torchrun DDP/FSDP2 over 1, 2, 4, 8 devices or processes (benchmarks/bench_scaling.py)")
     b.set_defaults(func=cmd_bench)
     return parser
 
