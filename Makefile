@@ -1,6 +1,7 @@
 # `make demo`: set up .venv and run the main job: train the small model on the embedded English -> French
 #   numbers corpus (PyTorch; DEMO_FRAMEWORK=jax for JAX), then translate the test split (exact match).
-# `make test`: set up .venv and run the test suite (Hypothesis profile `ci`; HYPOTHESIS_PROFILE=dev for more).
+# `make test`: set up .venv and run the test suite (Hypothesis profile `ci`; HYPOTHESIS_PROFILE=dev for more),
+#   in parallel: one pytest-xdist worker per core (TEST_WORKERS=N for N, TEST_WORKERS=0 for one process).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -23,11 +24,14 @@ demo: setup
 	rm -rf $(DEMO_OUT)
 	$(VENV)/bin/twin train --framework $(DEMO_FRAMEWORK) --data builtin --config small --out $(DEMO_OUT)
 
+TEST_WORKERS ?= auto
+TEST_ARGS := -n $(TEST_WORKERS) --dist worksteal
+
 test: setup
-	JAX_PLATFORMS=$${JAX_PLATFORMS-cpu} $(PY) -m pytest -q tests
+	JAX_PLATFORMS=$${JAX_PLATFORMS-cpu} $(PY) -m pytest -q $(TEST_ARGS) tests
 
 test-dev: setup
-	HYPOTHESIS_PROFILE=dev $(PY) -m pytest -q tests
+	HYPOTHESIS_PROFILE=dev $(PY) -m pytest -q $(TEST_ARGS) tests
 
 bench: setup
 	$(PY) benchmarks/bench_train.py

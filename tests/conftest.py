@@ -2,6 +2,7 @@
 
 JAX runs on the CPU unless torch sees a GPU (then the GPU-parametrized tests use both frameworks' GPU).
 Profiles: `ci` (derandomized, no deadline; the default) and `dev` (more examples): HYPOTHESIS_PROFILE=dev.
+`make test` runs the suite in pytest-xdist workers (one per core); each worker loads this file.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "PYTEST_XDIST_WORKER" in os.environ:  # several workers share a GPU: no worker takes 75% of its memory up front
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
