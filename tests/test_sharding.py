@@ -26,13 +26,32 @@ def _env(devices: int | None = 8) -> dict[str, str]:
     return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, "PYTHONPATH": str(ROOT)}
 
 
-@pytest.fixture(scope="module")
-def report() -> dict:
+def _once(tmp_path_factory, name: str, make) -> dict:
+    """`make(directory)` (a JSON-able dict) computed once per test session, even when pytest-xdist spreads this
+    module's tests over several workers: the first worker computes it under a file lock, the others read it."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if "PYTEST_XDIST_WORKER" in os.environ else base  # the session's directory either way
+    directory, result = root / name, root / f"{name}.json"
+    with FileLock(str(result) + ".lock"):
+        if not result.is_file():
+            directory.mkdir(exist_ok=True)
+            result.write_text(json.dumps(make(directory)))
+        return json.loads(result.read_text())
+
+
+def _sharded_step(directory: Path) -> dict:
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_step.py")], env=_env(), cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("REPORT "))
     return json.loads(line[len("REPORT "):])
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    return _once(tmp_path_factory, "sharded_step", _sharded_step)
 
 
 def _rows(report: dict, **match) -> list[dict]:
@@ -139,11 +158,9 @@ def _rel(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     return max(float(np.linalg.norm(a[k] - b[k])) for k in b) / scale
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
+def _mesh_runs(root: Path) -> dict[str, str]:
     """Five steps on one device; three on `--mesh data=2,fsdp=4` (8 simulated devices, asked for by the
     command itself), then resumed on one device for two more."""
-    root = tmp_path_factory.mktemp("mesh")
     out = {name: root / name for name in ("single", "mesh", "mesh_then_single")}
     for name, extra in (("single", ("--steps", "5", "--test-limit", "0")),
                         ("mesh", ("--steps", "3", "--mesh", "data=2,fsdp=4", "--test-limit", "2"))):
@@ -153,7 +170,13 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     shutil.copytree(out["mesh"], out["mesh_then_single"])
     done = _train(out["mesh_then_single"], "--steps", "5", "--resume", "--test-limit", "0")
     assert done.returncode == 0, done.stderr[-3000:]
-    return out
+    return {name: str(value) for name, value in out.items()}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path | str]:
+    return {name: value if name.endswith("_log") else Path(value)
+            for name, value in _once(tmp_path_factory, "mesh_runs", _mesh_runs).items()}
 
 
 def test_train_mesh_equals_one_device(runs):
