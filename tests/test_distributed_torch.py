@@ -25,6 +25,7 @@ from parity.data import load_corpus
 from parity.tokenizer import Tokenizer
 from parity.train import (CHECKPOINTS, TrainConfig, _batches, checkpoint_dirs, load_training_checkpoint,
                           model_config, read_metrics)
+from distributed_worker import relative
 from torch_tx.model import model_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,14 +42,6 @@ def launch(*args: str, torchrun: bool = False) -> subprocess.CompletedProcess:
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def relative(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    """|a - b| / |a| over all arrays of two canonical weight dicts with the same keys."""
-    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
-    x = np.concatenate([np.asarray(a[k], np.float64).ravel() for k in sorted(a)])
-    y = np.concatenate([np.asarray(b[k], np.float64).ravel() for k in sorted(a)])
-    return float(np.linalg.norm(x - y) / np.linalg.norm(x))
 
 
 def weights_at(run: Path, step: int | None = None) -> dict[str, np.ndarray]:
