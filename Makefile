@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-dev bench clean
+.PHONY: setup demo test test-dev bench native clean
 
 setup: $(STAMP)
 
@@ -33,8 +33,18 @@ test: setup
 test-dev: setup
 	HYPOTHESIS_PROFILE=dev $(PY) -m pytest -q $(TEST_ARGS) tests
 
-bench: setup
-	$(PY) benchmarks/bench_train.py
+# On AMD CPUs `make bench` runs with native/mkl_intel_cpu.c preloaded (MKL's AVX-512 kernels for torch);
+# BENCH_PRELOAD= (empty) measures MKL's own dispatch instead.
+MKL_SHIM := $(VENV)/lib/libmkl_intel_cpu.so
+BENCH_PRELOAD ?= $(if $(shell grep -m1 -q AuthenticAMD /proc/cpuinfo 2>/dev/null && echo amd),$(MKL_SHIM))
+
+native: $(MKL_SHIM)
+
+$(MKL_SHIM): native/mkl_intel_cpu.c $(STAMP)
+	$${CC:-cc} -O2 -shared -fPIC -o $@ $<
+
+bench: setup $(if $(BENCH_PRELOAD),native)
+	LD_PRELOAD=$(BENCH_PRELOAD) $(VENV)/bin/twin bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

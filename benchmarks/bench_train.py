@@ -24,12 +24,24 @@ repetition counts. ratio = twin tokens/s / peer tokens/s: below 1, the twin is s
 spread = slowest / fastest repetition - 1; a large spread, or a load average above 0 before the
 run, means other processes shared the CPU (2 busy threads on 2 cores suffer badly from that).
 Heads are d_model // 64 and d_ff is 4 * d_model (256: 4 heads, d_ff 1024; 512: 8 heads, 2048).
-Thread counts are the frameworks' defaults.
+Thread counts are the frameworks' defaults. The default batch, 128 rows of 32 tokens a side, is the
+4096-token budget `twin train` batches by default.
+
+Model FLOP/s: `train_flops` counts the matmul FLOPs of a step analytically (3 x the forward's:
+projections, attention scores and values over every position, pads included, feed-forward, output
+layer; embeddings, norms, softmax and the optimizer are not counted) and divides by the step time.
+It is compared with this machine's matmul ceiling, measured in the same run (before and after the
+training measurements): the best float32 square matmul rate of torch and of jax.jit over a few
+sizes (`matmul_ceiling`). With `--memory`, each model also trains alone in a fresh process: its peak
+memory is that process's peak resident set size during 2 training steps after the warm-up, minus its
+size right before the model was built (the imported frameworks excluded; the JSON also has the peak
+during the warm-up, which holds XLA's compilation).
 
 Run from the repository root:
     .venv/bin/python benchmarks/bench_train.py            # d_model 256 and 512, a few minutes
     .venv/bin/python benchmarks/bench_train.py --quick    # smoke run, well under a minute
     .venv/bin/python benchmarks/bench_train.py --d-model 512 --steps 20 --json bench_results/train.json
+    .venv/bin/python benchmarks/bench_train.py --memory --json bench_results/train.json   # what `twin bench` runs
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -72,6 +85,7 @@ PAD = 0
 LEARNING_RATE = 1e-4
 NUM_BATCHES = 4
 NOISY = 1.25
+PEERS = {"torch": "torch.nn.Transformer", "jax": "flax.linen layers"}
 
 
 @dataclass(frozen=True)
@@ -304,16 +318,20 @@ class Entry:
     runner: Runner
 
 
-def build_entries(cfg: TransformerConfig, batches: list[Batch], seed: int, trainers: bool = True) -> list[Entry]:
+def build_entries(cfg: TransformerConfig, batches: list[Batch], seed: int, trainers: bool = True,
+                  only: str | None = None) -> list[Entry]:
+    """The models to time, built in this order (`only`: just the one of that name)."""
     torch.manual_seed(seed)
-    extra = [Entry("torch_tx trainer", "torch", "twin", TrainerRunner(torch_train.Trainer, cfg, batches, seed)),
-             Entry("jax_tx trainer", "jax", "twin", TrainerRunner(jax_train.Trainer, cfg, batches, seed))]
-    return (extra if trainers else []) + [
-        Entry("torch_tx.Transformer", "torch", "twin", TorchRunner(torch_tx.Transformer(cfg), batches)),
-        Entry("torch.nn.Transformer", "torch", "peer", TorchRunner(TorchPeer(cfg), batches)),
-        Entry("jax_tx.Transformer", "jax", "twin", JaxRunner(jax_tx.Transformer(cfg), batches, seed)),
-        Entry("flax.linen layers", "jax", "peer", JaxRunner(FlaxPeer(cfg), batches, seed)),
-    ]
+    makers = {"torch_tx trainer": ("torch", lambda: TrainerRunner(torch_train.Trainer, cfg, batches, seed)),
+              "jax_tx trainer": ("jax", lambda: TrainerRunner(jax_train.Trainer, cfg, batches, seed)),
+              "torch_tx.Transformer": ("torch", lambda: TorchRunner(torch_tx.Transformer(cfg), batches)),
+              PEERS["torch"]: ("torch", lambda: TorchRunner(TorchPeer(cfg), batches)),
+              "jax_tx.Transformer": ("jax", lambda: JaxRunner(jax_tx.Transformer(cfg), batches, seed)),
+              PEERS["jax"]: ("jax", lambda: JaxRunner(FlaxPeer(cfg), batches, seed))}
+    if only is not None and only not in makers:
+        raise ValueError(f"unknown model {only!r}; one of {', '.join(makers)}")
+    names = [only] if only is not None else [n for n in makers if trainers or "trainer" not in n]
+    return [Entry(n, makers[n][0], "peer" if n in PEERS.values() else "twin", makers[n][1]()) for n in names]
 
 
 def measure(entries: list[Entry], steps: int, warmup: int, repeats: int) -> dict[str, list[float]]:
@@ -331,6 +349,80 @@ def measure(entries: list[Entry], steps: int, warmup: int, repeats: int) -> dict
     return times
 
 
+def train_flops(cfg: TransformerConfig, batch: int, src_len: int, tgt_len: int) -> float:
+    """Matmul FLOPs of one seq2seq training step on a (batch, src_len) / (batch, tgt_len) batch: 3 x forward.
+
+    Forward, per encoder layer: q/k/v/out projections 8 B S D^2, scores and values 4 B S^2 D,
+    feed-forward 4 B S D F; per decoder layer: self-attention 8 B T D^2 + 4 B T^2 D, cross-attention
+    4 B T D^2 (q, out) + 4 B S D^2 (k, v) + 4 B T S D, feed-forward 4 B T D F; output layer 2 B T D V.
+    Every position counts (pads and the causal mask's upper triangle included: the kernels compute them).
+    """
+    b, s, t, d, f = batch, src_len, tgt_len, cfg.d_model, cfg.d_ff
+    encoder = 8 * b * s * d * d + 4 * b * s * s * d + 4 * b * s * d * f
+    decoder = 8 * b * t * d * d + 4 * b * t * t * d + 4 * b * t * d * d + 4 * b * s * d * d + 4 * b * t * s * d \
+        + 4 * b * t * d * f
+    forward = cfg.num_encoder_layers * encoder + cfg.num_decoder_layers * decoder + 2 * b * t * d * cfg.tgt_vocab_size
+    return 3.0 * forward
+
+
+def matmul_ceiling(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5) -> dict[str, float]:
+    """Best float32 n x n matmul rate, GFLOP/s, of torch and of jax.jit over `sizes`: the machine's ceiling."""
+    rng = np.random.default_rng(0)
+    jit_matmul = jax.jit(jnp.matmul)
+    best = {"torch": 0.0, "jax": 0.0}
+    for n in sizes:
+        a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))  # [n, n]
+        calls = {"torch": (lambda x=torch.from_numpy(a), y=torch.from_numpy(b): x @ y),
+                 "jax": (lambda x=jnp.asarray(a), y=jnp.asarray(b): jit_matmul(x, y).block_until_ready())}
+        for name, call in calls.items():
+            call()
+            for _ in range(repeats):
+                start = time.perf_counter()
+                call()
+                best[name] = max(best[name], 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident set size now (VmRSS) or its peak (VmHWM), from Linux's /proc/self/status.
+
+    (getrusage's ru_maxrss would not do: Linux carries it over from the parent across fork and exec.)
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_memory(args: argparse.Namespace, d_model: int, name: str) -> dict[str, int]:
+    """Peak memory of `name` training alone in a fresh process (`--peak-of`, Linux): see `report_peak_of`."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--peak-of", name, "--d-model", str(d_model),
+            "--layers", str(args.layers), "--batch", str(args.batch), "--src-len", str(args.src_len),
+            "--tgt-len", str(args.tgt_len), "--vocab", str(args.vocab), "--seed", str(args.seed)]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"peak memory of {name} at d_model {d_model} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def report_peak_of(args: argparse.Namespace) -> None:
+    """The `--peak-of NAME` child: build that model alone, warm it up (JAX compiles), reset the peak (Linux
+    clear_refs), train 2 steps; print as JSON the peak RSS increase over the RSS before the model was built,
+    during the warm-up (`warmup_bytes`, compilation included) and during the steps (`model_bytes`)."""
+    batches = make_batches(NUM_BATCHES, args.batch, args.src_len, args.tgt_len, args.vocab, args.seed)
+    before = rss_bytes()
+    entries = {e.name: e for e in build_entries(config_for(args, args.d_model[0]), batches, args.seed,
+                                                only=args.peak_of)}
+    runner = entries[args.peak_of].runner
+    runner.run(args.warmup)
+    warmup = rss_bytes("VmHWM")
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+    runner.run(2)
+    peak = rss_bytes("VmHWM")
+    print(json.dumps({"before_model_rss_bytes": before, "warmup_peak_rss_bytes": warmup, "peak_rss_bytes": peak,
+                      "warmup_bytes": warmup - before, "model_bytes": peak - before}))
+
+
 def config_for(args: argparse.Namespace, d_model: int) -> TransformerConfig:
     return TransformerConfig(src_vocab_size=args.vocab, tgt_vocab_size=args.vocab, d_model=d_model,
                              num_heads=max(1, d_model // 64), num_encoder_layers=args.layers,
@@ -338,19 +430,33 @@ def config_for(args: argparse.Namespace, d_model: int) -> TransformerConfig:
                              max_len=max(512, args.src_len, args.tgt_len), pad_id=PAD)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; the platform's processor string elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def environment() -> dict[str, Any]:
     return {"python": platform.python_version(), "torch": torch.__version__, "jax": jax.__version__,
             "flax": flax.__version__, "optax": optax.__version__, "torch_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "jax_devices": [str(d) for d in jax.devices()],
-            "platform": platform.platform(), "load_average": os.getloadavg()}
+            "cpu_count": os.cpu_count(), "cpu": cpu_model(), "jax_devices": [str(d) for d in jax.devices()],
+            "ld_preload": os.environ.get("LD_PRELOAD", ""), "platform": platform.platform(),
+            "load_average": os.getloadavg()}
 
 
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
-    headers = ["d_model", "model", "tokens/s", "ms/step", "spread", "twin/peer"]
+    headers = ["d_model", "model", "tokens/s", "ms/step", "spread", "twin/peer", "GFLOP/s", "of ceiling", "peak MB"]
     cells = [[str(r["d_model"]), r["model"], f"{r['tokens_per_s']:,.0f}", f"{r['ms_per_step']:.1f}",
               f"{max(r['seconds']) / min(r['seconds']) - 1:.0%}",
-              f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"] for r in rows]
-    render_table(title, headers, cells, [r["d_model"] for r in rows], left=(1,))
+              f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-", f"{r['gflops_per_s']:.0f}",
+              f"{r['ceiling_fraction']:.0%}",
+              f"{r['peak_memory']['model_bytes'] / 2**20:,.0f}" if r.get("peak_memory") else "-"] for r in rows]
+    render_table(title, headers, cells, [r["d_model"] for r in rows], left=(1,), min_width=130)
 
 
 def render_table(title: str, headers: list[str], cells: list[list[str]], sections: list[Any],
@@ -377,22 +483,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d-model", type=int, nargs="+", default=[256, 512], help="d_model values (default 256 512)")
     parser.add_argument("--layers", type=int, default=2, help="encoder and decoder layers each (default 2)")
-    parser.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
+    parser.add_argument("--batch", type=int, default=128, help="batch size (default 128: with lengths 32, the "
+                        "4096-token batches of `twin train`)")
     parser.add_argument("--src-len", type=int, default=32, help="source length (default 32)")
     parser.add_argument("--tgt-len", type=int, default=32, help="target length (default 32)")
     parser.add_argument("--vocab", type=int, default=1000, help="source and target vocabulary size (default 1000)")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per repetition (default 6)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per repetition (default 3)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps, at least 1 (default 2)")
     parser.add_argument("--repeats", type=int, default=5, help="repetitions, the fastest counts (default 5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: d_model 128, 1 layer, batch 4, lengths 16, 3 steps, 1 warm-up, 1 repetition")
     parser.add_argument("--no-trainers", action="store_true", help="leave out the `twin train` trainers")
+    parser.add_argument("--memory", action="store_true",
+                        help="also the peak memory of each model, training alone in a fresh process")
+    parser.add_argument("--peak-of", metavar="NAME", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, metavar="PATH", help="write settings, environment and results here")
     args = parser.parse_args(argv)
     if args.quick:
         args.d_model, args.layers, args.batch, args.src_len, args.tgt_len = [128], 1, 4, 16, 16
         args.steps, args.warmup, args.repeats = 3, 1, 1
+    if args.peak_of is not None and len(args.d_model) != 1:
+        parser.error("--peak-of takes one --d-model")
     if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
         parser.error("--warmup, --steps and --repeats must be at least 1")
     return args
@@ -400,30 +512,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.peak_of is not None:
+        report_peak_of(args)
+        return
     wall_start = time.perf_counter()
     env = environment()
     print(f"torch {env['torch']} ({env['torch_threads']} threads), jax {env['jax']}, flax {env['flax']}, "
-          f"optax {env['optax']}, python {env['python']}, {env['cpu_count']} CPUs, jax devices {env['jax_devices']}, "
-          f"load average {env['load_average'][0]:.2f}")
+          f"optax {env['optax']}, python {env['python']}, {env['cpu_count']} CPUs ({env['cpu']}), "
+          f"jax devices {env['jax_devices']}, load average {env['load_average'][0]:.2f}"
+          + (f", LD_PRELOAD={env['ld_preload']}" if env["ld_preload"] else ""))
     print(f"float32 CPU, dropout 0.1, batch {args.batch}, src {args.src_len}, tgt {args.tgt_len}, "
           f"vocab {args.vocab}, {args.layers}+{args.layers} layers; {args.warmup} warm-up steps, "
           f"best of {args.repeats} x {args.steps} steps")
+    ceilings = [matmul_ceiling()]
     batches = make_batches(NUM_BATCHES, args.batch, args.src_len, args.tgt_len, args.vocab, args.seed)
     tokens = sum(batches[i % len(batches)].tokens for i in range(args.steps))
     rows: list[dict[str, Any]] = []
     for d_model in args.d_model:
         cfg = config_for(args, d_model)
+        flops = train_flops(cfg, args.batch, args.src_len, args.tgt_len)
         entries = build_entries(cfg, batches, args.seed, trainers=not args.no_trainers)
         times = measure(entries, args.steps, args.warmup, args.repeats)
         speed = {e.name: tokens / min(times[e.name]) for e in entries}
-        peers = {e.framework: e.name for e in entries if e.role == "peer"}
         for e in entries:
-            ratio = speed[e.name] / speed[peers[e.framework]] if e.role == "twin" else None
+            ratio = speed[e.name] / speed[PEERS[e.framework]] if e.role == "twin" else None
+            seconds = min(times[e.name]) / args.steps
             rows.append({"d_model": d_model, "num_heads": cfg.num_heads, "d_ff": cfg.d_ff, "model": e.name,
                          "framework": e.framework, "role": e.role, "tokens_per_s": speed[e.name],
-                         "ms_per_step": 1000 * min(times[e.name]) / args.steps, "ratio": ratio,
-                         "seconds": times[e.name]})
-    print_table(rows, "Training throughput (target tokens/s, higher is better)")
+                         "ms_per_step": 1000 * seconds, "ratio": ratio, "flops_per_step": flops,
+                         "gflops_per_s": flops / seconds / 1e9, "seconds": times[e.name]})
+        del entries
+    ceilings.append(matmul_ceiling())
+    ceiling = {name: max(c[name] for c in ceilings) for name in ceilings[0]}
+    machine = max(ceiling.values())
+    for r in rows:
+        r["ceiling_fraction"] = r["gflops_per_s"] / machine
+        r["own_framework_ceiling_fraction"] = r["gflops_per_s"] / ceiling[r["framework"]]
+    if args.memory:
+        for r in rows:
+            r["peak_memory"] = peak_memory(args, r["d_model"], r["model"])
+    print(f"matmul ceiling (best float32 n x n, n in 1024 2048, before and after): torch {ceiling['torch']:.0f}, "
+          f"jax {ceiling['jax']:.0f} GFLOP/s; the machine's: {machine:.0f} GFLOP/s")
+    print_table(rows, "Training throughput (target tokens/s, higher is better; model FLOP/s of the machine's "
+                      "matmul ceiling)")
     wall = time.perf_counter() - wall_start
     noisy = [f"{r['model']} at d_model {r['d_model']}" for r in rows
              if max(r["seconds"]) > NOISY * min(r["seconds"])]
@@ -435,6 +566,7 @@ def main(argv: list[str] | None = None) -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         report = {"settings": settings, "environment": env, "tokens_per_repetition": tokens,
+                  "matmul_ceiling_gflops": {**ceiling, "machine": machine, "measurements": ceilings},
                   "wall_seconds": wall, "results": rows}
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")

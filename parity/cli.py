@@ -253,11 +253,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+BENCHES = {"train": "bench_train.py", "precision": "bench_precision.py", "lengths": "bench_lengths.py",
+           "decode": "bench_decode.py", "convert": "bench_convert.py", "scaling": "bench_scaling.py"}
+
+
     import runpy
     from pathlib import Path
 
-    name = ("bench_convert.py" if args.convert else "bench_decode.py" if args.decode else
-            "bench_scaling.py" if args.scaling else "bench_train.py")
+    chosen = [flag for flag in BENCHES if getattr(args, flag)]
+    if len(chosen) > 1:
+        raise SystemExit(f"twin bench: choose one of {', '.join('--' + flag for flag in chosen)}")
+    name = BENCHES[chosen[0]] if chosen else "bench_report.py"
     script = Path(__file__).resolve().parents[1] / "benchmarks" / name
     if not script.is_file():
         raise SystemExit(f"twin bench: benchmarks/{name} ships with the source repository; "
@@ -407,8 +413,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where --verify runs")
     v.add_argument("--seed", type=int, default=0, help="inputs of --verify")
     v.set_defaults(func=cmd_convert)
-    b = sub.add_parser("bench", help="training-step throughput of each twin against its peer "
-                       "(benchmarks/bench_train.py; arguments are passed on, e.g. --quick)")
+    b = sub.add_parser("bench", help="training, decoding and conversion speed and memory of the twins against "
+                       "their peers, one report (benchmarks/bench_report.py; arguments are passed on, e.g. --quick)")
+    b.add_argument("--train", action="store_true", help="training-step throughput only: each twin and trainer "
+                   "against torch.nn.Transformer / flax.linen layers, model FLOP/s against the matmul ceiling, "
+                   "--memory for peak memory (benchmarks/bench_train.py)")
+    b.add_argument("--precision", action="store_true", help="the trainers in float32, bfloat16 mixed precision "
+                   "and (torch) under torch.compile (benchmarks/bench_precision.py)")
+    b.add_argument("--lengths", action="store_true", help="step time and peak memory as the sequence length "
+                   "(64..1024) and d_model grow, the attention's quadratic term fitted, a plot "
+                   "(benchmarks/bench_lengths.py)")
     b.add_argument("--decode", action="store_true", help="decoding throughput instead: greedy, beam and sampling "
                    "with the KV cache against torch.nn.Transformer's prefix-recomputing loop "
                    "(benchmarks/bench_decode.py)")
