@@ -100,7 +100,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                            warmup_steps=args.warmup, label_smoothing=args.label_smoothing, clip_norm=args.clip_norm,
                            seed=args.seed, vocab_size=args.vocab_size, log_every=args.log_every,
                            eval_every=args.eval_every, save_every=args.save_every, keep=args.keep,
-                           betas=defaults.betas, adam_eps=defaults.adam_eps, pack=args.pack)
+                           betas=defaults.betas, adam_eps=defaults.adam_eps, pack=args.pack,
+                           bucket_sides=args.bucket_sides)
     except ValueError as e:
         raise SystemExit(f"twin train: {e}") from None
     try:
@@ -252,11 +253,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 1 if print_table([(label, r) for r in rows], f"twin convert --verify ({args.to}, {args.device})") else 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
 BENCHES = {"train": "bench_train.py", "precision": "bench_precision.py", "lengths": "bench_lengths.py",
            "decode": "bench_decode.py", "convert": "bench_convert.py", "scaling": "bench_scaling.py"}
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
     import runpy
     from pathlib import Path
 
@@ -323,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pack", action="store_true", help="pack several examples into each row of max_len positions "
                    "(segment ids, per-example positions) instead of length buckets; the padding saved is "
                    "printed")
+    t.add_argument("--bucket-sides", choices=("shared", "separate"), default=defaults.bucket_sides,
+                   help="seq2seq length buckets: 'shared' pads source and target to one length (fewer batch "
+                   "shapes, so fewer JAX compilations), 'separate' buckets each side on its own "
+                   f"(default {defaults.bucket_sides})")
     t.add_argument("--out", required=True, help="run directory (new, or an existing run with --resume)")
     t.add_argument("--steps", type=int, default=defaults.steps, help=f"total updates (default {defaults.steps})")
     t.add_argument("--config", default="small", help="model preset (tiny, small, base) or a JSON file of "

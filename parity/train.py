@@ -53,6 +53,7 @@ TRAIN_CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 MOMENTS = ("exp_avg", "exp_avg_sq")
+BUCKET_SIDES = ("shared", "separate")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=32, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, d_ff=64, max_len=64),
@@ -72,7 +73,9 @@ class TrainConfig(DictFields):
     lr = lr_factor * d_model^-0.5 * min(step^-0.5, step * warmup_steps^-1.5), step counted from 1
     (Vaswani et al. 2017, eq. 3, with lr_factor 1; the paper warms up for 4000 of 100k steps, the
     defaults here suit the embedded corpus: 1200 steps, 400 of warmup). `pack`: several examples per row
-    of max_len positions (`parity.batching`) instead of length buckets.
+    of max_len positions (`parity.batching`) instead of length buckets. `bucket_sides`: "shared" pads a
+    seq2seq pair's two sides to one bucketed length (fewer batch shapes: fewer JAX compilations),
+    "separate" buckets each side's length on its own (runs saved before this option existed resume so).
     """
 
     steps: int = 1200
@@ -86,6 +89,7 @@ class TrainConfig(DictFields):
     seed: int = 0
     vocab_size: int = 1000
     bucket_step: int = 8
+    bucket_sides: str = "shared"
     log_every: int = 20
     eval_every: int = 200
     save_every: int = 400
@@ -102,6 +106,8 @@ class TrainConfig(DictFields):
                 raise ValueError(f"{name} must be {what}, got {getattr(self, name)}")
         if not isinstance(self.pack, bool):
             raise ValueError(f"pack must be a bool, got {self.pack!r}")
+        if self.bucket_sides not in BUCKET_SIDES:
+            raise ValueError(f"bucket_sides must be one of {', '.join(BUCKET_SIDES)}, got {self.bucket_sides!r}")
         object.__setattr__(self, "betas", tuple(self.betas))
 
 
@@ -511,7 +517,8 @@ def _batches(tokenizer: Tokenizer, examples: list[Example], corpus: Corpus, cfg:
     try:
         return Batcher(src, tgt, classes=classes, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id,
                        eos_id=tokenizer.eos_id, max_tokens=tcfg.max_tokens, max_len=cfg.max_len,
-                       bucket_step=tcfg.bucket_step, seed=tcfg.seed, shuffle=shuffle, pack=tcfg.pack)
+                       bucket_step=tcfg.bucket_step, seed=tcfg.seed, shuffle=shuffle, pack=tcfg.pack,
+                       shared_length=tcfg.bucket_sides == "shared")
     except ValueError as e:
         raise TrainError(str(e)) from None
 
@@ -585,7 +592,7 @@ def _run(Trainer, context, framework: str, data: str, out: Path, *, model: str |
         if resume_from is not None:
             tokenizer, spec = Tokenizer.load(out / TOKENIZER_FILE), load_config(out)
             saved = json.loads((out / TRAIN_CONFIG_FILE).read_text())
-            tcfg = TrainConfig.from_dict({**saved["train"], "steps": tcfg.steps})
+            tcfg = TrainConfig.from_dict({"bucket_sides": "separate", **saved["train"], "steps": tcfg.steps})
         else:
             spec, shipped = model, None
             if init_from is not None:

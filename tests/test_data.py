@@ -135,6 +135,30 @@ def test_batch_layout_by_hand():
     assert a.tokens == 2 and b.tokens == 5
 
 
+def test_shared_length_buckets_by_hand():
+    """The same two pairs as above with shared_length: both sides of a pair take the longer side's bucket."""
+    batcher = Batcher([np.array([5, 6]), np.array([7])], [np.array([8]), np.array([9, 10, 11, 12])], pad_id=0,
+                      bos_id=1, eos_id=2, max_tokens=8, max_len=8, bucket_step=4, shuffle=False, shared_length=True)
+    a, b = batcher.once()
+    assert list(batcher.buckets) == [(4, 4), (8, 8)]
+    np.testing.assert_array_equal(a.src, [[5, 6, 2, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(b.src, [[7, 2, 0, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(b.tgt_in, [[1, 9, 10, 11, 12, 0, 0, 0]])
+
+
+def test_shared_length_bounds_the_batch_shapes():
+    """Pairs of 3..126 tokens, max_len 128, step 8: separate buckets make up to 16 x 16 shapes, shared ones 16."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 120, 3000)  # [N]
+    targets = np.clip((lengths * rng.uniform(0.8, 1.25, 3000)).astype(int), 2, 126)  # [N]
+    src, tgt = [rng.integers(4, 100, n) for n in lengths], [rng.integers(4, 100, n) for n in targets]
+    args = dict(pad_id=0, bos_id=1, eos_id=2, max_tokens=4096, max_len=128, bucket_step=8)
+    separate, shared = Batcher(src, tgt, **args), Batcher(src, tgt, **args, shared_length=True)
+    assert len(shared.buckets) <= 16 < len(separate.buckets)
+    assert all(s == t for s, t in shared.buckets)
+    assert sum(len(ids) for ids in shared.buckets.values()) == shared.num_examples == 3000
+
+
 @given(epoch=st.integers(0, 5), cut=st.integers(0, 40))
 def test_batches_cover_epoch_and_resume_exactly(tokenizer, builtin, epoch, cut):
     batcher = _batcher(tokenizer, builtin.train[:600])
