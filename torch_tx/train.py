@@ -8,10 +8,18 @@ names (numpy), so a run can resume in the other framework.
 Under torchrun (`torch_tx.distributed.Context`: DDP, or FSDP2 with --fsdp) every process takes its share of
 the rows of each global batch, scales its loss sum so that the averaged gradient is the one of the whole
 batch, and gets the global sums back: the step is the single-process step of the same global batch.
+
+Precision (`PRECISIONS`, by the trainer's dtype name): float32 or float64 throughout, or "bfloat16", mixed
+precision: float32 master weights and Adam moments, the forward pass under `torch.autocast(bfloat16)`
+(matmuls in bfloat16, and so their backward; embedding lookups, layer norms, the residual stream and the loss
+sums in float32). `compile=True` runs the training steps through `torch.compile` of the model (the stored
+module and its state dict keep their canonical names).
 """
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
@@ -25,9 +33,21 @@ from torch_tx.decoding import generate
 from torch_tx.distributed import Context, laid_out_like, whole
 from torch_tx.model import model_for
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SUMS = ("loss", "nll", "correct", "tokens")
 PROCESS_RNG = "torch_processes"
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Weights, gradients and Adam moments in `param_dtype`; the passes computed in `compute_dtype` (None: in
+    param_dtype; else the matmuls, under `autocast`). Loss sums come out in at least float32 (`loss_terms`)."""
+
+    param_dtype: torch.dtype
+    compute_dtype: torch.dtype | None = None
+
+
+PRECISIONS = {"float32": Precision(torch.float32), "float64": Precision(torch.float64),
+              "bfloat16": Precision(torch.float32, torch.bfloat16)}
 
 
 def loss_terms(logits: torch.Tensor, labels: torch.Tensor, pad_id: int, smoothing: float) -> dict[str, torch.Tensor]:
@@ -68,6 +88,14 @@ def logits_of(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], arch: s
     return model(batch["src"], batch["tgt_in"], **packed)  # [B, T, V]
 
 
+def autocast(compute_dtype: torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager:
+    """`torch.autocast` to `compute_dtype` on `device`'s type: matmuls in it, embedding lookups, layer norms and
+    the residual stream in the weights' dtype (which stay as they are); nothing when None."""
+    if compute_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=compute_dtype)
+
+
 def make_optimizer(model: torch.nn.Module,
                    tcfg: TrainConfig) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
     """Adam(betas, eps) driven by `LambdaLR` with the warmup + inverse-square-root schedule (base lr 1)."""
@@ -98,8 +126,12 @@ def clip_by_global_norm_(parameters, max_norm: float) -> torch.Tensor:
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Adam, schedule, batch: Mapping[str, torch.Tensor], *,
-               cfg: TransformerConfig, tcfg: TrainConfig, context: Context | None = None) -> dict[str, torch.Tensor]:
+               cfg: TransformerConfig, tcfg: TrainConfig, context: Context | None = None,
+               compute_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """One update on `batch` (the arrays of a `Batch`); returns the loss sums, grad norm and the lr used.
+
+    `compute_dtype` (mixed precision): the forward pass and the loss run under autocast to it and the backward
+    pass follows; the gradients land in the weights' dtype, where clipping and Adam run.
 
     With `context`, `batch` is this process's share of the global batch and `model` its DDP wrapper or
     FSDP2-sharded model, which average the gradients over the processes: each process's loss sum is divided
@@ -108,8 +140,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Adam, schedule, ba
     """
     model.train()
     lr = optimizer.param_groups[0]["lr"]
-    logits = logits_of(model, batch, cfg.arch)  # [B, T, V] or [B, C]
-    terms = loss_terms(logits, batch["labels"], label_pad(cfg.arch, cfg.pad_id), tcfg.label_smoothing)
+    with autocast(compute_dtype, batch["labels"].device):
+        logits = logits_of(model, batch, cfg.arch)  # [B, T, V] or [B, C]
+        terms = loss_terms(logits, batch["labels"], label_pad(cfg.arch, cfg.pad_id), tcfg.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     if context is None:
         (terms["loss"] / terms["tokens"].clamp(min=1)).backward()
@@ -126,13 +159,15 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Adam, schedule, ba
 
 @torch.no_grad()
 def eval_step(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], *, cfg: TransformerConfig,
-              tcfg: TrainConfig, context: Context | None = None) -> dict[str, torch.Tensor]:
-    """Loss sums of `batch` without dropout or update; with `context`, of the global batch whose share this
-    process holds."""
+              tcfg: TrainConfig, context: Context | None = None,
+              compute_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Loss sums of `batch` without dropout or update (computed in `compute_dtype`, as in `train_step`); with
+    `context`, of the global batch whose share this process holds."""
     model.eval()
-    logits = logits_of(model, batch, cfg.arch)  # [B, T, V] or [B, C]
-    return global_sums(loss_terms(logits, batch["labels"], label_pad(cfg.arch, cfg.pad_id), tcfg.label_smoothing),
-                       context)
+    with autocast(compute_dtype, batch["labels"].device):
+        logits = logits_of(model, batch, cfg.arch)  # [B, T, V] or [B, C]
+        terms = loss_terms(logits, batch["labels"], label_pad(cfg.arch, cfg.pad_id), tcfg.label_smoothing)
+    return global_sums(terms, context)
 
 
 def process_seed(seed: int, rank: int, step: int) -> int:
@@ -147,22 +182,30 @@ class Trainer:
     One process on `device`, or with `context` (`torch_tx.distributed.setup`) one torchrun process of many,
     on `context.device`. Every process builds the same model from tcfg.seed; DDP wraps it, FSDP2 shards it
     in place. `model` is the module either way (its cfg, its canonical state dict; FSDP2: DTensor shards),
-    `step_model` what the training step calls (the DDP wrapper, else `model`). Process 0 goes on drawing
-    dropout masks from the stream of tcfg.seed (a one-process run is the single-process run); process r > 0
-    reseeds with `process_seed(seed, r, 0)`.
+    `step_model` what the training step calls (the DDP wrapper, else `model`; with `compile`, `torch.compile` of
+    that, which compiles the forward and backward passes on the first step and on new batch shapes; evaluation
+    and decoding stay eager). Process 0 goes on drawing dropout masks from the stream of tcfg.seed (a one-process
+    run is the single-process run); process r > 0 reseeds with `process_seed(seed, r, 0)`.
+
+    `dtype` names a `PRECISIONS` entry: "float32", "float64", or "bfloat16" (mixed: float32 weights and Adam
+    moments, which `weights` and `export_state` return, bfloat16 compute).
     """
 
     framework = "torch"
 
     def __init__(self, cfg: TransformerConfig, tcfg: TrainConfig, weights: Mapping[str, np.ndarray] | None = None,
-                 *, dtype: str = "float32", device: str = "cpu", context: Context | None = None) -> None:
-        self.cfg, self.tcfg, self.context, self.dtype = cfg, tcfg, context, DTYPES[dtype]
+                 *, dtype: str = "float32", device: str = "cpu", context: Context | None = None,
+                 compile: bool = False) -> None:
+        self.cfg, self.tcfg, self.context, self.precision = cfg, tcfg, context, PRECISIONS[dtype]
+        self.dtype = self.precision.param_dtype
         self.device = torch.device(device) if context is None else context.device
         torch.manual_seed(tcfg.seed)
         self.model = model_for(cfg).to(self.device, self.dtype)
         if weights is not None:
             self.model.load_state_dict({k: to_torch(np.asarray(v)) for k, v in weights.items()})
         self.step_model = self.model if context is None else context.wrap(self.model)
+        if compile:
+            self.step_model = torch.compile(self.step_model)
         if context is not None and context.rank:
             torch.manual_seed(process_seed(tcfg.seed, context.rank, 0))
         self.optimizer, self.schedule = make_optimizer(self.model, tcfg)
@@ -193,12 +236,13 @@ class Trainer:
         sums on every process."""
         self._replica = None
         terms = train_step(self.step_model, self.optimizer, self.schedule, self._tensors(batch), cfg=self.cfg,
-                           tcfg=self.tcfg, context=self.context)
+                           tcfg=self.tcfg, context=self.context, compute_dtype=self.precision.compute_dtype)
         return {k: v.detach() for k, v in terms.items()}
 
     def eval_step(self, batch: Batch) -> dict[str, float]:
         """Loss sums of the global `batch` (every process gets them)."""
-        terms = eval_step(self.model, self._tensors(batch), cfg=self.cfg, tcfg=self.tcfg, context=self.context)
+        terms = eval_step(self.model, self._tensors(batch), cfg=self.cfg, tcfg=self.tcfg, context=self.context,
+                          compute_dtype=self.precision.compute_dtype)
         return {k: float(v) for k, v in terms.items()}
 
     def greedy(self, src: np.ndarray, *, max_new_tokens: int, bos_id: int, eos_id: int) -> np.ndarray:
