@@ -108,7 +108,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         last = run(args.framework, args.data, args.out, model=args.config, tcfg=tcfg, resume=args.resume,
                    init_from=args.init_from, dtype=args.dtype, device=args.device, limit=args.limit,
                    show=args.show, test_limit=args.test_limit, progress=not args.no_progress,
-                   dropout=args.dropout, arch=args.arch, mesh=args.mesh, fsdp=args.fsdp, hosts=hosts)
+                   dropout=args.dropout, arch=args.arch, mesh=args.mesh, fsdp=args.fsdp, hosts=hosts,
+                   compile=args.compile)
     except TrainError as e:
         print(f"twin train: {e}", file=sys.stderr)
         return 1
@@ -348,7 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=int, default=defaults.eval_every)
     t.add_argument("--save-every", type=int, default=defaults.save_every)
     t.add_argument("--keep", type=int, default=defaults.keep, help="checkpoints kept")
-    t.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    t.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32",
+                   help="float32 or float64 throughout, or bfloat16: mixed precision, float32 weights and Adam "
+                   "moments (and checkpoints), the forward and backward passes in bfloat16 (torch.autocast; JAX: "
+                   "the params cast to bfloat16 inside the loss); default float32")
+    t.add_argument("--compile", action="store_true", help="torch: torch.compile the model for the training steps "
+                   "(compiles on the first step and on new batch shapes; evaluation and decoding stay eager); the "
+                   "JAX trainer has no such option, its step is always jitted")
     t.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     t.add_argument("--limit", type=int, help="use only the first N training examples")
     t.add_argument("--test-limit", type=int, help="test only the first N test examples at the end (0: skip the "

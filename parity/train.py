@@ -22,6 +22,7 @@ moments are stored in canonical layout, so a run saved by one framework resumes 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import io
 import json
@@ -551,7 +552,7 @@ def run(framework: str, data: str, out: str | os.PathLike, *, model: str | Trans
         dtype: str = "float32", device: str = "cpu", limit: int | None = None, show: int = 5,
         test_limit: int | None = None, progress: bool = True, dropout: float | None = None,
         arch: str | None = None, echo: Callable[[str], None] = print, mesh: str | None = None,
-        fsdp: bool = False, hosts: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        fsdp: bool = False, hosts: Mapping[str, Any] | None = None, compile: bool = False) -> dict[str, Any]:
     """Train (or resume) a run of `arch` (default seq2seq; a resumed run or --init-from checkpoint's own) in
     `out`; returns the last train/valid/test records (and `interrupted`).
 
@@ -559,9 +560,17 @@ def run(framework: str, data: str, out: str | os.PathLike, *, model: str | Trans
     every process reads the same data and batches; process 0 alone writes and prints, and the processes check
     that they agree on the tokenizer, the data and each checkpoint's step. A JAX mesh spans several processes
     (hosts) with `hosts` = {"coordinator": "host:port", "num_processes": P, "process_id": i}, passed to
-    `jax.distributed.initialize`."""
+    `jax.distributed.initialize`.
+
+    `dtype`: "float32", "float64", or "bfloat16" (mixed precision: float32 weights and Adam moments, bfloat16
+    compute; checkpoints hold the float32 weights). `compile` (torch): `torch.compile` the training steps."""
     out = Path(out)
     Trainer = _trainer_class(framework)
+    if compile and framework != "torch":
+        raise TrainError("--compile is for --framework torch (torch.compile); the JAX trainer's step is always "
+                         "jitted")
+    if compile:
+        Trainer = functools.partial(Trainer, compile=True)
     context = _context(framework, device, mesh, fsdp, hosts)
     try:
         return _run(Trainer, context, framework, data, out, model=model, tcfg=tcfg, resume=resume,
