@@ -351,8 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--keep", type=int, default=defaults.keep, help="checkpoints kept")
     t.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32",
                    help="float32 or float64 throughout, or bfloat16: mixed precision, float32 weights and Adam "
-                   "moments (and checkpoints), the forward and backward passes in bfloat16 (torch.autocast; JAX: "
-                   "the params cast to bfloat16 inside the loss); default float32")
+                   "moments (and checkpoints), the matmuls in bfloat16 and embeddings, layer norms and the loss in "
+                   "float32 (torch.autocast's rule, in both twins); default float32")
     t.add_argument("--compile", action="store_true", help="torch: torch.compile the model for the training steps "
                    "(compiles on the first step and on new batch shapes; evaluation and decoding stay eager); the "
                    "JAX trainer has no such option, its step is always jitted")
