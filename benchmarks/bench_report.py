@@ -4,9 +4,10 @@ Runs, one after the other in this process, the benchmarks behind it with the set
 its own JSON into `--out` (default bench_results/), then prints one markdown table of the headline figures
 and writes it with the combined JSON (`report.json`, `report.md`):
 
-- training (bench_train.py `--memory`): tokens/s of each twin's training step and `twin train` trainer
-  against torch.nn.Transformer / flax.linen layers, interleaved in one run; model FLOP/s as a share of the
-  machine's matmul ceiling measured in the same run; peak memory of each model training alone;
+- training (bench_train.py `--memory --compile`): tokens/s of each twin's training step and `twin train`
+  trainer against torch.nn.Transformer / flax.linen layers, interleaved in one run (and the torch twin and
+  peer under torch.compile); model FLOP/s as a share of the machine's matmul ceiling measured in the same
+  run; peak memory of each eager model training alone;
 - mixed precision (bench_precision.py): each trainer in float32 and bfloat16 mixed precision, and torch's
   trainer under torch.compile;
 - decoding (bench_decode.py, d_model 512): greedy tokens/s of each twin's cached `generate` against
@@ -37,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 PARTS = {
-    "train": ("bench_train", ["--memory"], ["--quick", "--memory"]),
+    "train": ("bench_train", ["--memory", "--compile"], ["--quick", "--memory"]),
     "precision": ("bench_precision", [], ["--quick"]),
     "decode": ("bench_decode", ["--d-model", "512"], ["--quick"]),
     "convert": ("bench_convert", ["--d-model", "512", "--heads", "8", "--d-ff", "2048", "--repeats", "1"],

@@ -32,7 +32,9 @@ projections, attention scores and values over every position, pads included, fee
 layer; embeddings, norms, softmax and the optimizer are not counted) and divides by the step time.
 It is compared with this machine's matmul ceiling, measured in the same run (before and after the
 training measurements): the best float32 square matmul rate of torch and of jax.jit over a few
-sizes (`matmul_ceiling`). With `--memory`, each model also trains alone in a fresh process: its peak
+sizes (`matmul_ceiling`). With `--compile`, torch_tx.Transformer and torch.nn.Transformer also run under
+`torch.compile` (default settings), the compiled twin's ratio against the compiled peer. With
+`--memory`, each eager model also trains alone in a fresh process: its peak
 memory is that process's peak resident set size during 2 training steps after the warm-up, minus its
 size right before the model was built (the imported frameworks excluded; the JSON also has the peak
 during the warm-up, which holds XLA's compilation).
@@ -41,7 +43,7 @@ Run from the repository root:
     .venv/bin/python benchmarks/bench_train.py            # d_model 256 and 512, a few minutes
     .venv/bin/python benchmarks/bench_train.py --quick    # smoke run, well under a minute
     .venv/bin/python benchmarks/bench_train.py --d-model 512 --steps 20 --json bench_results/train.json
-    .venv/bin/python benchmarks/bench_train.py --memory --json bench_results/train.json   # what `twin bench` runs
+    .venv/bin/python benchmarks/bench_train.py --memory --compile --json bench_results/train.json  # as `twin bench`
 """
 
 from __future__ import annotations
@@ -238,7 +240,7 @@ class TorchRunner:
     def __init__(self, model: tnn.Module, batches: list[Batch]):
         self.model = model.train()
         self.optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
-        self.data = [(torch.from_numpy(b.src), torch.from_numpy(b.tgt_in), torch.from_numpy(b.labels))
+        self.data = [tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in (b.src, b.tgt_in, b.labels))
                      for b in batches]
 
     def step(self, src: torch.Tensor, tgt_in: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -318,25 +320,39 @@ class Entry:
     runner: Runner
 
 
+COMPILED = " + torch.compile"
+
+
+def peer_of(name: str, framework: str) -> str:
+    """The peer a model is compared with: the compiled peer for a compiled twin, else its framework's peer."""
+    return PEERS[framework] + (COMPILED if name.endswith(COMPILED) else "")
+
+
 def build_entries(cfg: TransformerConfig, batches: list[Batch], seed: int, trainers: bool = True,
-                  only: str | None = None) -> list[Entry]:
-    """The models to time, built in this order (`only`: just the one of that name)."""
+                  only: str | None = None, compiled: bool = False) -> list[Entry]:
+    """The models to time, built in this order (`only`: just the one of that name). `compiled` adds the torch
+    twin and peer under `torch.compile` (default settings; compiled during the warm-up)."""
     torch.manual_seed(seed)
     makers = {"torch_tx trainer": ("torch", lambda: TrainerRunner(torch_train.Trainer, cfg, batches, seed)),
               "jax_tx trainer": ("jax", lambda: TrainerRunner(jax_train.Trainer, cfg, batches, seed)),
               "torch_tx.Transformer": ("torch", lambda: TorchRunner(torch_tx.Transformer(cfg), batches)),
               PEERS["torch"]: ("torch", lambda: TorchRunner(TorchPeer(cfg), batches)),
               "jax_tx.Transformer": ("jax", lambda: JaxRunner(jax_tx.Transformer(cfg), batches, seed)),
-              PEERS["jax"]: ("jax", lambda: JaxRunner(FlaxPeer(cfg), batches, seed))}
+              PEERS["jax"]: ("jax", lambda: JaxRunner(FlaxPeer(cfg), batches, seed)),
+              "torch_tx.Transformer" + COMPILED: ("torch", lambda: TorchRunner(
+                  torch.compile(torch_tx.Transformer(cfg)), batches)),
+              PEERS["torch"] + COMPILED: ("torch", lambda: TorchRunner(torch.compile(TorchPeer(cfg)), batches))}
     if only is not None and only not in makers:
         raise ValueError(f"unknown model {only!r}; one of {', '.join(makers)}")
-    names = [only] if only is not None else [n for n in makers if trainers or "trainer" not in n]
-    return [Entry(n, makers[n][0], "peer" if n in PEERS.values() else "twin", makers[n][1]()) for n in names]
+    names = [only] if only is not None else [n for n in makers if (trainers or "trainer" not in n)
+                                             and (compiled or not n.endswith(COMPILED))]
+    return [Entry(n, makers[n][0], "twin" if n.startswith(("torch_tx", "jax_tx")) else "peer", makers[n][1]())
+            for n in names]
 
 
 def measure(entries: list[Entry], steps: int, warmup: int, repeats: int) -> dict[str, list[float]]:
     """Warm every model up, then time `steps` steps `repeats` times, taking turns; seconds per repetition."""
-    losses = {e.name: e.runner.run(warmup) for e in entries}
+    losses = {e.name: e.runner.run(warmup + 2 * e.name.endswith(COMPILED)) for e in entries}  # compile settles
     bad = [name for name, loss in losses.items() if not math.isfinite(loss)]
     if bad:
         raise RuntimeError(f"non-finite loss after warm-up: {', '.join(bad)}")
@@ -495,6 +511,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: d_model 128, 1 layer, batch 4, lengths 16, 3 steps, 1 warm-up, 1 repetition")
     parser.add_argument("--no-trainers", action="store_true", help="leave out the `twin train` trainers")
+    parser.add_argument("--compile", action="store_true", help="also torch_tx.Transformer and torch.nn.Transformer "
+                        "under torch.compile (the twin's ratio then against the compiled peer)")
     parser.add_argument("--memory", action="store_true",
                         help="also the peak memory of each model, training alone in a fresh process")
     parser.add_argument("--peak-of", metavar="NAME", help=argparse.SUPPRESS)
@@ -531,11 +549,11 @@ def main(argv: list[str] | None = None) -> None:
     for d_model in args.d_model:
         cfg = config_for(args, d_model)
         flops = train_flops(cfg, args.batch, args.src_len, args.tgt_len)
-        entries = build_entries(cfg, batches, args.seed, trainers=not args.no_trainers)
+        entries = build_entries(cfg, batches, args.seed, trainers=not args.no_trainers, compiled=args.compile)
         times = measure(entries, args.steps, args.warmup, args.repeats)
         speed = {e.name: tokens / min(times[e.name]) for e in entries}
         for e in entries:
-            ratio = speed[e.name] / speed[PEERS[e.framework]] if e.role == "twin" else None
+            ratio = speed[e.name] / speed[peer_of(e.name, e.framework)] if e.role == "twin" else None
             seconds = min(times[e.name]) / args.steps
             rows.append({"d_model": d_model, "num_heads": cfg.num_heads, "d_ff": cfg.d_ff, "model": e.name,
                          "framework": e.framework, "role": e.role, "tokens_per_s": speed[e.name],
@@ -550,7 +568,8 @@ def main(argv: list[str] | None = None) -> None:
         r["own_framework_ceiling_fraction"] = r["gflops_per_s"] / ceiling[r["framework"]]
     if args.memory:
         for r in rows:
-            r["peak_memory"] = peak_memory(args, r["d_model"], r["model"])
+            if not r["model"].endswith(COMPILED):
+                r["peak_memory"] = peak_memory(args, r["d_model"], r["model"])
     print(f"matmul ceiling (best float32 n x n, n in 1024 2048, before and after): torch {ceiling['torch']:.0f}, "
           f"jax {ceiling['jax']:.0f} GFLOP/s; the machine's: {machine:.0f} GFLOP/s")
     print_table(rows, "Training throughput (target tokens/s, higher is better; model FLOP/s of the machine's "
