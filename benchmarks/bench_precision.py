@@ -11,7 +11,9 @@ fetched every step), dropout 0.1, on CPU, in one process, on the batches of benc
   jitted loss, float32 master weights). The JAX step is always jitted: it has no compile variant.
 
 "first step" is the wall time of each trainer's first step, compilation included (torch.compile's
-graphs and kernels, XLA's jit; for eager torch, first allocations). Then every trainer warms up and is
+graphs and kernels, XLA's jit; for eager torch, first allocations). torch.compile starts from an empty
+on-disk cache (TORCHINDUCTOR_CACHE_DIR is a fresh temporary directory unless --warm-cache), so that a
+repeated run times a whole compilation, not cache hits. Then every trainer warms up and is
 timed as in bench_train (`measure`: `--steps` steps `--repeats` times, taking turns, order reversed
 every repetition, the fastest repetition counts). speedup = tokens/s / tokens/s of the same framework's
 float32 trainer. spread = slowest / fastest repetition - 1: a large spread, or a load average above 0,
@@ -29,7 +31,9 @@ import argparse
 import functools
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: d_model 64, 1 layer, batch 4, lengths 16, 2 steps, 1 warm-up, 1 repetition")
+    parser.add_argument("--warm-cache", action="store_true", help="keep torch's on-disk compile cache (first steps "
+                        "of a repeated run are then cache hits)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write settings, environment and results here")
     args = parser.parse_args(argv)
     if args.quick:
@@ -116,6 +122,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    cache = None if args.warm_cache else tempfile.mkdtemp(prefix="bench_precision_inductor_")
+    if cache is not None:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    try:
+        run(args)
+    finally:
+        if cache is not None:
+            shutil.rmtree(cache, ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> None:
     wall_start = time.perf_counter()
     env = environment()
     print(f"torch {env['torch']} ({env['torch_threads']} threads), jax {env['jax']}, python {env['python']}, "
