@@ -171,7 +171,7 @@ def test_ddp_run_is_the_single_process_run(reference, ddp):
     stream = _batches(Tokenizer.load(run / "tokenizer.json"), corpus.train, corpus, load_config(run), tcfg,
                       shuffle=True).stream()
     rows = [len(next(stream)[1].labels) for _ in range(2)]
-    assert rows[0] % 2 == 0 and rows[1] % 2 == 1, rows
+    assert sorted(r % 2 for r in rows) == [0, 1], rows  # one even global batch, one odd (a padding row added)
 
 
 def test_a_single_process_resumes_a_ddp_run(reference, ddp, tmp_path):
