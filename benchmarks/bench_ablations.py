@@ -2,10 +2,10 @@
 
 Each row times one alternative against the current choice, interleaved, best of `--repeats`:
 
-- fused QKV: the q/k/v projections of one attention block as three matmuls (what the twins do) against
-  one matmul with the three weights concatenated ((3D, D) torch / (D, 3D) jax, what torch.nn.MultiheadAttention
-  does), forward and backward, on the rows of a default `twin train` batch (4096 tokens) and of a small
-  one (512 tokens);
+- fused QKV: the q/k/v projections of one attention block as one matmul with the three weights concatenated
+  ((3D, D) torch / (D, 3D) jax: what the twins' `in_proj` and torch.nn.MultiheadAttention do) against three
+  matmuls (the twins before the fusion), forward and backward, on the rows of a default `twin train` batch
+  (4096 tokens) and of a small one (512 tokens);
 - donated state (JAX): the `jax_tx.train` step jitted with the train state donated (what the trainer does)
   and without; time per step and XLA's memory analysis of the compiled step (arguments + outputs +
   temporaries - aliased bytes);

@@ -211,16 +211,13 @@ def cross_attention_weights(model: Transformer, params: Mapping[str, Any], src: 
     src, tgt = jnp.asarray(src), jnp.asarray(tgt)
     src_pad = padding_mask(src, model.cfg.pad_id, src_mask, "src_mask")  # [B, S]
     _, state = model.apply({"params": params}, src, tgt, src_pad, jnp.ones(tgt.shape, dtype=jnp.bool_),
-                           capture_intermediates=lambda mdl, _: mdl.name in ("q_proj", "k_proj"),
-                           mutable=["intermediates"])
+                           capture_intermediates=lambda mdl, method: mdl.name == "cross_attn" and method in (
+                               "project_q", "project_kv"), mutable=["intermediates"])
     layers = state["intermediates"]["decoder"]
-    heads = model.cfg.num_heads
     weights = []
     for i in range(model.cfg.num_decoder_layers):
         captured = layers[f"layers_{i}"]["cross_attn"]
-        q, k = captured["q_proj"]["__call__"][0], captured["k_proj"]["__call__"][0]  # [B, T, D], [B, S, D]
-        q = q.reshape(*q.shape[:2], heads, -1).transpose(0, 2, 1, 3)  # [B, H, T, K]
-        k = k.reshape(*k.shape[:2], heads, -1).transpose(0, 2, 1, 3)  # [B, H, S, K]
+        q, (k, _) = captured["project_q"][0], captured["project_kv"][0]  # [B, H, T, K], [B, H, S, K]
         logits = jnp.where(src_pad[:, None, None, :], q @ k.transpose(0, 1, 3, 2) / math.sqrt(q.shape[-1]),
                            jnp.finfo(q.dtype).min)  # [B, H, T, S]
         weights.append(jax.nn.softmax(logits, -1) * src_pad.any(-1)[:, None, None, None])  # [B, H, T, S]

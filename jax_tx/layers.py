@@ -95,18 +95,20 @@ class DecoderLayer(nn.Module):
 
         def self_attention(h: jnp.ndarray) -> jnp.ndarray:
             nonlocal new_cache
-            k, v = self.self_attn.project_kv(h)  # [B, H, T, K]
+            q, k, v = self.self_attn.project_qkv(h)  # [B, H, T, K]
             if cache is not None:
                 k = jax.lax.dynamic_update_slice_in_dim(cache["self_k"], k.astype(cache["self_k"].dtype), index,
                                                         axis=2)  # [B, H, L, K]
                 v = jax.lax.dynamic_update_slice_in_dim(cache["self_v"], v.astype(cache["self_v"].dtype), index,
                                                         axis=2)  # [B, H, L, K]
                 new_cache = {**cache, "self_k": k, "self_v": v}
-            return self.self_attn.attend(h, k, v, self_mask, det)  # [B, T, D]
+            return self.self_attn.attend(q, k, v, self_mask, det)  # [B, T, D]
 
         def cross_attention(h: jnp.ndarray) -> jnp.ndarray:
-            k, v = (cache["cross_k"], cache["cross_v"]) if cache is not None else self.cross_attn.project_kv(memory)
-            return self.cross_attn.attend(h, k, v, cross_mask, det)  # [B, T, D]
+            if cache is None:
+                return self.cross_attn(h, memory, cross_mask, det)  # [B, T, D]
+            q = self.cross_attn.project_q(h)  # [B, H, T, K]
+            return self.cross_attn.attend(q, cache["cross_k"], cache["cross_v"], cross_mask, det)  # [B, T, D]
 
         x = residual(x, self.self_attn_norm, self_attention, self.drop, self.norm_first, det)  # [B, T, D]
         if self.cross_attention:

@@ -189,21 +189,20 @@ def cross_attention_weights(model: Transformer, src: torch.Tensor, tgt: torch.Te
                             src_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-attention weights (num_decoder_layers, B, H, T, S) of the teacher-forced pass of src (B, S), tgt (B, T)."""
     model.eval()
-    captured: dict[str, list[torch.Tensor]] = {"q": [], "k": []}
-    hooks = [proj.register_forward_hook(lambda _m, _i, out, key=key: captured[key].append(out))
-             for layer in model.decoder.layers
-             for key, proj in (("q", layer.cross_attn.q_proj), ("k", layer.cross_attn.k_proj))]
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def capture(attn, args):
+        captured.append((attn.project_q(args[0]), attn.project_kv(args[1])[0]))  # [B, H, T, K], [B, H, S, K]
+
+    hooks = [layer.cross_attn.register_forward_pre_hook(capture) for layer in model.decoder.layers]
     try:
         src_pad = padding_mask(src, model.cfg.pad_id, src_mask, "src_mask")  # [B, S]
         model(src, tgt, src_pad, torch.ones_like(tgt, dtype=torch.bool))
     finally:
         for hook in hooks:
             hook.remove()
-    heads = model.cfg.num_heads
     weights = []
-    for q, k in zip(captured["q"], captured["k"]):
-        q = q.view(*q.shape[:2], heads, -1).transpose(1, 2)  # [B, H, T, K]
-        k = k.view(*k.shape[:2], heads, -1).transpose(1, 2)  # [B, H, S, K]
+    for q, k in captured:
         logits = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(
             ~src_pad[:, None, None, :], torch.finfo(q.dtype).min)  # [B, H, T, S]
         weights.append(logits.softmax(-1) * src_pad.any(-1)[:, None, None, None])  # [B, H, T, S]

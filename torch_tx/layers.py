@@ -78,17 +78,19 @@ class DecoderLayer(nn.Module):
                 cross_mask: torch.Tensor | None, cache: dict[str, torch.Tensor] | None = None,
                 index: int = 0):
         def self_attention(h: torch.Tensor) -> torch.Tensor:
-            k, v = self.self_attn.project_kv(h)  # [B, H, T, K]
+            q, k, v = self.self_attn.project_qkv(h)  # [B, H, T, K]
             if cache is not None:
                 end = index + h.shape[1]
                 cache["self_k"][:, :, index:end] = k
                 cache["self_v"][:, :, index:end] = v
                 k, v = cache["self_k"][:, :, :end], cache["self_v"][:, :, :end]  # [B, H, index + T, K]
-            return self.self_attn.attend(h, k, v, self_mask)  # [B, T, D]
+            return self.self_attn.attend(q, k, v, self_mask)  # [B, T, D]
 
         def cross_attention(h: torch.Tensor) -> torch.Tensor:
-            k, v = (cache["cross_k"], cache["cross_v"]) if cache is not None else self.cross_attn.project_kv(memory)
-            return self.cross_attn.attend(h, k, v, cross_mask)  # [B, T, D]
+            if cache is None:
+                return self.cross_attn(h, memory, cross_mask)  # [B, T, D]
+            q = self.cross_attn.project_q(h)  # [B, H, T, K]
+            return self.cross_attn.attend(q, cache["cross_k"], cache["cross_v"], cross_mask)  # [B, T, D]
 
         x = residual(x, self.self_attn_norm, self_attention, self.drop, self.norm_first)  # [B, T, D]
         if self.cross_attention:
