@@ -21,7 +21,7 @@ from parity import formats
 from parity.cli import main
 from parity.config import TransformerConfig
 from parity.convert import build_nn_transformer
-from parity.suite import np_dtype
+from parity.suite import init_canonical, np_dtype
 from strategies import random_weights
 
 CFG = TransformerConfig(src_vocab_size=11, tgt_vocab_size=13, d_model=8, num_heads=2, num_encoder_layers=1,
@@ -138,11 +138,20 @@ def test_dtype_casts_and_only_when_asked(sources, tmp_path, dtype):
     assert_bit_exact(formats.read_checkpoint(dst).weights, want)
 
 
+@pytest.fixture(scope="module")
+def initialized(tmp_path_factory) -> Path:
+    """A float32 checkpoint of the torch twin's freshly initialized weights. The parity claims are about
+    weights at a model's scale: with the N(0, 1) weights of `sources` every softmax saturates, the k
+    projections' float32 gradients are rounding noise, and their twin-to-twin error straddles 1e-5 (median
+    9e-6 over 80 input draws with separate q/k/v projections, 1.1e-5 fused; 1e-6 on these weights)."""
+    path = tmp_path_factory.mktemp("initialized") / "model.safetensors"
+    return formats.write_checkpoint(path, "safetensors", CFG, init_canonical(CFG, "torch", 0))
+
+
 @pytest.mark.parametrize("name", list(FORMATS))
-def test_verify_loads_each_target_and_runs_the_parity_checks(sources, tmp_path, capsys, name):
+def test_verify_loads_each_target_and_runs_the_parity_checks(initialized, tmp_path, capsys, name):
     to, file = FORMATS[name]
-    src = sources["float32", "safetensors"]
-    assert convert(src, tmp_path / file, "--to", to, "--verify") == 0
+    assert convert(initialized, tmp_path / file, "--to", to, "--verify") == 0
     out, err = capsys.readouterr()
     assert err == ""  # no library warnings either
     assert f"{to} reload bit-exact" in out

@@ -102,7 +102,9 @@ def _prompts(cfg: TransformerConfig, lengths, rng: np.random.Generator, width: i
 
 @pytest.fixture(scope="module")
 def twins() -> Twins:
-    return Twins(CONFIGS[0], "torch", 0)
+    """Seed 5: greedy decoding of the prompts below runs row 0 to N tokens and stops rows 1 and 2 at EOS after 3
+    and 2 tokens, generating the pad id on the way (a token like any other once generated)."""
+    return Twins(CONFIGS[0], "torch", 5)
 
 
 # ------------------------------------------------------------------------------------------ the KV cache
@@ -155,10 +157,11 @@ def test_greedy_tokens_match_across_twins(cfg, source, seed, lengths):
 
 
 def _greedy_by_recomputation(model: torch_tx.DecoderOnly, prompt: list[int], steps: int) -> list[int]:
-    """The textbook loop on one unpadded row: the whole sequence through the model at every step, no cache."""
+    """The textbook loop on one unpadded row: the whole sequence through the model at every step, no cache.
+    Every position is attended, as in `generate`: a generated pad id is a token, not padding."""
     seq = [BOS, *prompt]
     for _ in range(steps):
-        seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+        seq.append(int(model(torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.bool))[0, -1].argmax()))
         if seq[-1] == EOS:
             break
     return seq[1 + len(prompt):]
