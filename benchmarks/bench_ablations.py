@@ -6,13 +6,17 @@ Each row times one alternative against the current choice, interleaved, best of 
   ((3D, D) torch / (D, 3D) jax: what the twins' `in_proj` and torch.nn.MultiheadAttention do) against three
   matmuls (the twins before the fusion), forward and backward, on the rows of a default `twin train` batch
   (4096 tokens) and of a small one (512 tokens);
+- fused QKV in the step: whole training steps (`bench_train`'s loop) of each twin as it is against the same
+  twin projecting q, k and v with three matmuls on the blocks of its `in_proj` (and k, v of cross-attention
+  with two), interleaved, at every `--d-model`;
 - donated state (JAX): the `jax_tx.train` step jitted with the train state donated (what the trainer does)
   and without; time per step and XLA's memory analysis of the compiled step (arguments + outputs +
   temporaries - aliased bytes);
 - Adam (torch): `torch.optim.Adam`'s update alone with the for-loop implementation (torch's default on
   CPU, what the trainer uses), foreach, and fused, on the model's parameters, against the step it is part of.
 
-    .venv/bin/python benchmarks/bench_ablations.py [--d-model 512] [--json bench_results/ablations.json]
+    .venv/bin/python benchmarks/bench_ablations.py [--d-model 512] [--parts qkv step donate adam]
+                                                   [--json bench_results/ablations.json]
 """
 
 from __future__ import annotations
@@ -36,8 +40,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import jax_tx.train as jax_train  # noqa: E402
+import jax_tx  # noqa: E402
 import torch_tx  # noqa: E402
-from bench_train import TrainerRunner, config_for, environment, make_batches, parse_args as train_args  # noqa: E402
+import torch_tx.attention  # noqa: E402
+from bench_train import (Entry, JaxRunner, TorchRunner, TrainerRunner, config_for, environment,  # noqa: E402
+                         make_batches, measure, parse_args as train_args)
+from flax import linen as fnn  # noqa: E402
+from jax_tx.attention import MultiHeadAttention as FlaxAttention  # noqa: E402
 
 
 def best_ms(calls: dict[str, Callable[[], Any]], repeats: int, inner: int = 3) -> dict[str, float]:
@@ -77,6 +86,51 @@ def fused_qkv(d_model: int, tokens: int, repeats: int) -> dict[str, float]:
     return times
 
 
+def _separate(attn, x, blocks):
+    """The projections of `blocks` of attn's in_proj, one matmul each: what the twins did before the fusion."""
+    return tuple(attn._split_heads(attn.in_proj(x, i, i + 1), 1)[0] for i in blocks)  # n x [B, H, L, K]
+
+
+def torch_separate(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with every attention projecting q, k, v (self) or k, v (cross) one block at a time."""
+    for attn in model.modules():
+        if isinstance(attn, torch_tx.attention.MultiHeadAttention):
+            attn.project_qkv = functools.partial(_separate, attn, blocks=(0, 1, 2))
+            attn.project_kv = functools.partial(_separate, attn, blocks=(1, 2))
+    return model
+
+
+def flax_separate(next_fun, args, kwargs, context):
+    """nn.intercept_methods hook: the Flax twin's attention projecting one block at a time, as `torch_separate`."""
+    blocks = {"project_qkv": (0, 1, 2), "project_kv": (1, 2)}.get(context.method_name)
+    if isinstance(context.module, FlaxAttention) and blocks is not None:
+        return _separate(context.module, args[0], blocks)
+    return next_fun(*args, **kwargs)
+
+
+def fused_step(cfg, batches, steps: int, repeats: int) -> dict[str, float]:
+    """Tokens/s of whole training steps, each twin fused (as it is) and with separate projections."""
+    torch.manual_seed(0)
+    separate_jax = JaxRunner(jax_tx.Transformer(cfg), batches, seed=0)
+    apply = separate_jax.state.apply_fn
+
+    def apply_separate(*args, **kwargs):
+        with fnn.intercept_methods(flax_separate):
+            return apply(*args, **kwargs)
+
+    separate_jax.state = separate_jax.state.replace(apply_fn=apply_separate)  # its own jit cache entry
+    pairs = [[Entry("torch fused", "torch", "twin", TorchRunner(torch_tx.Transformer(cfg), batches)),
+              Entry("torch separate", "torch", "twin", TorchRunner(torch_separate(torch_tx.Transformer(cfg)),
+                                                                    batches))],
+             [Entry("jax fused", "jax", "twin", JaxRunner(jax_tx.Transformer(cfg), batches, seed=0)),
+              Entry("jax separate", "jax", "twin", separate_jax)]]
+    # One framework at a time: with all four interleaved, the JAX pair's ratio followed the order of the
+    # entries (0.85-0.91 fused/separate; 0.99-1.01 timed on its own).
+    times = {name: t for pair in pairs for name, t in measure(pair, steps, warmup=2, repeats=repeats).items()}
+    tokens = sum(batches[i % len(batches)].tokens for i in range(steps))  # as bench_train counts them
+    return {name: tokens / min(t) for name, t in times.items()}
+
+
 def donated_state(cfg, batches, repeats: int) -> dict[str, Any]:
     runner = TrainerRunner(jax_train.Trainer, cfg, batches, seed=0)
     trainer = runner.trainer
@@ -110,25 +164,40 @@ def adam(cfg, repeats: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--d-model", type=int, nargs="+", default=[512])
+    parser.add_argument("--parts", nargs="+", choices=("qkv", "step", "donate", "adam"),
+                        default=["qkv", "step", "donate", "adam"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, metavar="PATH")
     args = parser.parse_args(argv)
-    settings = train_args(["--d-model", str(args.d_model)])
-    cfg = config_for(settings, args.d_model)
     env = environment()
-    print(f"load average {env['load_average'][0]:.2f}; d_model {args.d_model}, float32")
     report: dict[str, Any] = {"environment": env, "d_model": args.d_model}
-    report["fused_qkv"] = {tokens: fused_qkv(args.d_model, tokens, args.repeats) for tokens in (512, 4096)}
-    for tokens, t in report["fused_qkv"].items():
-        print(f"fused QKV, {tokens} tokens, forward + backward ms: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items())
-              + f"; fused/separate torch {t['torch fused'] / t['torch separate']:.2f}, "
-                f"jax {t['jax fused'] / t['jax separate']:.2f}")
-    batches = make_batches(2, settings.batch, settings.src_len, settings.tgt_len, settings.vocab, 0)
-    report["donated_state"] = donated_state(cfg, batches, args.repeats)
-    print(f"JAX train step, state donated or not: {report['donated_state']}")
-    report["adam"] = adam(cfg, args.repeats)
-    print("torch Adam update alone, ms: " + ", ".join(f"{k} {v:.1f}" for k, v in report["adam"].items()))
+    for d_model in args.d_model:
+        settings = train_args(["--d-model", str(d_model)])
+        cfg = config_for(settings, d_model)
+        print(f"load average {env['load_average'][0]:.2f}; d_model {d_model}, float32")
+        part: dict[str, Any] = report.setdefault(str(d_model), {})
+        batches = make_batches(2, settings.batch, settings.src_len, settings.tgt_len, settings.vocab, 0)
+        if "qkv" in args.parts:
+            part["fused_qkv"] = {tokens: fused_qkv(d_model, tokens, args.repeats) for tokens in (512, 4096)}
+            for tokens, t in part["fused_qkv"].items():
+                print(f"fused QKV, {tokens} tokens, forward + backward ms: "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in t.items())
+                      + f"; fused/separate torch {t['torch fused'] / t['torch separate']:.2f}, "
+                        f"jax {t['jax fused'] / t['jax separate']:.2f}")
+        if "step" in args.parts:
+            t = part["fused_step"] = fused_step(cfg, batches, settings.steps, args.repeats)
+            print("training step with fused / separate q, k, v projections, tokens/s: "
+                  + ", ".join(f"{k} {v:,.0f}" for k, v in t.items())
+                  + f"; fused/separate torch {t['torch fused'] / t['torch separate']:.3f}, "
+                    f"jax {t['jax fused'] / t['jax separate']:.3f}")
+        if "donate" in args.parts:
+            part["donated_state"] = donated_state(cfg, batches, args.repeats)
+            print(f"JAX train step, state donated or not: {part['donated_state']}")
+        if "adam" in args.parts:
+            part["adam"] = adam(cfg, args.repeats)
+            print("torch Adam update alone, ms: " + ", ".join(f"{k} {v:.1f}" for k, v in part["adam"].items()))
+    report["load_average_after"] = list(__import__("os").getloadavg())
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -68,9 +68,10 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = linear(self.d_model)
 
     def _split_heads(self, x: jnp.ndarray, n: int) -> tuple[jnp.ndarray, ...]:
+        """x (B, L, n D) -> n blocks (B, H, L, K)."""
         b, length, _ = x.shape
-        x = x.reshape(b, length, n, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)  # [n, B, H, L, K]
-        return tuple(x)  # n x [B, H, L, K]
+        return tuple(part.reshape(b, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+                     for part in jnp.split(x, n, axis=-1))  # n x [B, H, L, K]
 
     def project_q(self, query: jnp.ndarray) -> jnp.ndarray:
         """query (B, T, D) -> queries (B, H, T, K)."""

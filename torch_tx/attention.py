@@ -88,8 +88,10 @@ class MultiHeadAttention(nn.Module):
         self.register_load_state_dict_post_hook(_canonical_errors)
 
     def _split_heads(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+        """x (B, L, n D) -> n blocks (B, H, L, K) (views)."""
         b, length, _ = x.shape
-        return x.view(b, length, n, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # n x [B, H, L, K]
+        return tuple(part.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
+                     for part in x.chunk(n, -1))  # n x [B, H, L, K]
 
     def project_q(self, query: torch.Tensor) -> torch.Tensor:
         """query (B, T, D) -> queries (B, H, T, K)."""
