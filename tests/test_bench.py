@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -28,6 +29,41 @@ def test_train_flops_equals_torchs_count_of_a_twin_training_step():
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(src, tgt).sum().backward()
     assert train_flops(cfg, 3, 7, 5) == counter.get_total_flops()
+
+
+def test_the_separate_projections_of_bench_ablations_compute_the_fused_function():
+    """`bench_ablations --parts step` times each twin against itself with q, k, v projected one block at a time:
+    the two must be the same function (float64), with the separate path really taken (one call per block)."""
+    import jax.numpy as jnp
+    from flax import linen as fnn
+
+    import jax_tx
+    from bench_ablations import flax_separate, torch_separate
+    from parity import convert
+
+    cfg = TransformerConfig(src_vocab_size=11, tgt_vocab_size=13, d_model=8, num_heads=2, num_encoder_layers=1,
+                            num_decoder_layers=1, d_ff=16, dropout=0.0)
+    src, tgt = torch.randint(1, 11, (2, 5)), torch.randint(1, 13, (2, 4))  # [B, S], [B, T]
+    fused = torch_tx.Transformer(cfg).double().eval()
+    separate = torch_separate(torch_tx.Transformer(cfg).double().eval())
+    separate.load_state_dict(fused.state_dict())
+    calls = []
+    separate.decoder.layers[0].cross_attn.in_proj.register_forward_hook(lambda _m, args, _o: calls.append(args[1:]))
+    torch.testing.assert_close(separate(src, tgt), fused(src, tgt), rtol=1e-12, atol=0)
+    assert calls == [(0, 1), (1, 2), (2, 3)]
+    params = convert.torch_to_flax(fused.state_dict(), cfg)  # float64: conftest turns JAX's 64-bit mode on
+    model, args = jax_tx.Transformer(cfg), (jnp.asarray(src.numpy()), jnp.asarray(tgt.numpy()))
+    blocks = []
+
+    def spy(next_fun, call_args, kwargs, context):
+        if context.module.name == "in_proj" and context.method_name == "__call__":
+            blocks.append(tuple(call_args[1:]))
+        return next_fun(*call_args, **kwargs)
+
+    with fnn.intercept_methods(spy), fnn.intercept_methods(flax_separate):
+        got = model.apply({"params": params}, *args)
+    assert blocks == [(0, 1), (1, 2), (2, 3)] * 2 + [(0, 1), (1, 2), (2, 3)]  # encoder, decoder self, cross
+    np.testing.assert_allclose(got, model.apply({"params": params}, *args), rtol=1e-12, atol=0)
 
 
 def test_train_flops_by_hand():
