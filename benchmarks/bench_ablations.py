@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,7 +44,7 @@ import jax_tx  # noqa: E402
 import torch_tx  # noqa: E402
 import torch_tx.attention  # noqa: E402
 from bench_train import (Entry, JaxRunner, TorchRunner, TrainerRunner, config_for, environment,  # noqa: E402
-                         make_batches, measure, parse_args as train_args)
+                         make_batches, measure, parse_args as train_args, write_json)
 from flax import linen as fnn  # noqa: E402
 from jax_tx.attention import MultiHeadAttention as FlaxAttention  # noqa: E402
 
@@ -197,11 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         if "adam" in args.parts:
             part["adam"] = adam(cfg, args.repeats)
             print("torch Adam update alone, ms: " + ", ".join(f"{k} {v:.1f}" for k, v in part["adam"].items()))
-    report["load_average_after"] = list(__import__("os").getloadavg())
+    report["load_average_after"] = list(os.getloadavg())
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, report)
     return 0
 
 

@@ -65,7 +65,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_train import environment, render_table  # noqa: E402
+from benchmarks.bench_train import environment, print_wall, render_table, settings_of, write_json  # noqa: E402
 from parity.config import TransformerConfig  # noqa: E402
 from parity.formats import write_checkpoint  # noqa: E402
 from parity.names import aliases, canonical_shapes  # noqa: E402
@@ -418,18 +418,14 @@ def main(argv: list[str] | None = None) -> int:
         for c in CONVERSIONS:
             remove(args.workdir / c.dst)
     wall = time.perf_counter() - wall_start
-    print(f"wall time {wall:.1f} s, load average {env['load_average'][0]:.2f} before, "
-          f"{os.getloadavg()[0]:.2f} after")
+    print_wall(wall, env)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        report = {"settings": settings, "environment": env, "page_cache": cache,
+        report = {"settings": settings_of(args), "environment": env, "page_cache": cache,
                   "checkpoint": {"path": str(source), "config": cfg.to_dict(), "tensor_bytes": size,
                                  "file_bytes": file_size},
                   "targets": {"rss_ratio": RSS_TARGET, "time_ratio_read_excl_imports": TIME_TARGET},
                   "import_baselines": baselines, "wall_seconds": wall, "results": rows, "round_trips": round_trips}
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, report)
     failed = [t["chain"] for t in round_trips if not t["equal"]]
     if failed:
         print(f"FAILED: the round trip(s) via {', '.join(failed)} changed the weights", file=sys.stderr)

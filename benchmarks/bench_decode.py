@@ -57,8 +57,6 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -76,13 +74,13 @@ from torch import nn as tnn  # noqa: E402
 
 import jax_tx  # noqa: E402
 import torch_tx  # noqa: E402
-from benchmarks.bench_train import TorchPeer, environment, render_table  # noqa: E402
+from benchmarks.bench_train import (TorchPeer, environment, print_noisy, print_wall, render_table,  # noqa: E402
+                                     settings_of, write_json)
 from parity import convert  # noqa: E402
 from parity.config import TransformerConfig  # noqa: E402
 
 PAD, BOS, EOS = 0, 1, 2
 FORBIDDEN_BIAS = -1e4  # output bias of PAD, BOS and EOS: never emitted, every row runs every step
-NOISY = 1.25
 PEER = "torch.nn.Transformer"
 PEER_FAST = "torch.nn.Transformer, fast path"
 
@@ -318,20 +316,12 @@ def run(args: argparse.Namespace) -> int:
         if r["ratio_fast_path_peer"] is not None:
             print(f"d_model {r['d_model']}: {r['model']} greedy vs {PEER_FAST}: {r['ratio_fast_path_peer']:.2f}x")
     wall = time.perf_counter() - wall_start
-    noisy = [f"{r['model']} ({r['decoding']}) at d_model {r['d_model']}" for r in rows
-             if max(r["seconds"]) > NOISY * min(r["seconds"])]
-    if noisy:
-        print(f"noisy (slowest repetition over {NOISY:.2f}x the fastest): {', '.join(noisy)}")
-    print(f"wall time {wall:.1f} s, load average {env['load_average'][0]:.2f} before, "
-          f"{os.getloadavg()[0]:.2f} after")
+    print_noisy(rows, lambda r: f"{r['model']} ({r['decoding']}) at d_model {r['d_model']}")
+    print_wall(wall, env)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        report = {"settings": settings, "environment": env, "tokens_per_call": tokens,
-                  "forbidden_bias": FORBIDDEN_BIAS, "wall_seconds": wall, "results": rows,
-                  "greedy_agreement": agreement}
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, {"settings": settings_of(args), "environment": env, "tokens_per_call": tokens,
+                               "forbidden_bias": FORBIDDEN_BIAS, "wall_seconds": wall, "results": rows,
+                               "greedy_agreement": agreement})
     return 0
 
 

@@ -59,8 +59,8 @@ import jax  # noqa: E402
 import torch  # noqa: E402
 import jax_tx.train as jax_train  # noqa: E402
 import torch_tx.train as torch_train  # noqa: E402
-from benchmarks.bench_train import (NOISY, NUM_BATCHES, TrainerRunner, config_for, environment,  # noqa: E402
-                                    make_batches, render_table)
+from benchmarks.bench_train import (NUM_BATCHES, TrainerRunner, config_for, environment,  # noqa: E402
+                                    make_batches, print_noisy, print_wall, render_table, settings_of, write_json)
 from parity.config import TransformerConfig  # noqa: E402
 
 TRAINERS = {"torch": torch_train.Trainer, "jax": jax_train.Trainer}
@@ -378,25 +378,18 @@ def run(args: argparse.Namespace) -> None:
             rows.append(r)
             print(f"  {r['model']:16} d_model {d_model:5} length {length:5}: {r['ms_per_step']:9.1f} ms/step, "
                   f"{mib_cell(r['train_mib']):>7} MiB (load {r['load_average']:.2f})", flush=True)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("point", "out")}
-    report = {"benchmark": "training step vs length and d_model", "settings": settings, "environment": env,
-              "results": rows}
+    report = {"benchmark": "training step vs length and d_model", "settings": settings_of(args, ("point", "out")),
+              "environment": env, "results": rows}
     report["fits"] = fit_sweep(rows, args)
     print_tables(report)
     if args.markdown:
         print(markdown_tables(report))
-    noisy = [f"{r['model']} at d_model {r['d_model']}, length {r['length']}" for r in rows
-             if max(r["seconds"]) > NOISY * min(r["seconds"])]
-    if noisy:
-        print(f"noisy (slowest repetition over {NOISY:.2f}x the fastest): {', '.join(noisy)}")
+    print_noisy(rows, lambda r: f"{r['model']} at d_model {r['d_model']}, length {r['length']}")
     report["wall_seconds"] = time.perf_counter() - wall_start
     report["load_average_after"] = os.getloadavg()
-    print(f"wall time {report['wall_seconds']:.1f} s, load average {env['load_average'][0]:.2f} before, "
-          f"{report['load_average_after'][0]:.2f} after")
+    print_wall(report["wall_seconds"], env)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, report)
     if args.plot:
         plot(report, args.plot)
         print(f"wrote {args.plot}")

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import shutil
 import sys
@@ -44,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax_tx.train as jax_train  # noqa: E402
 import torch_tx.train as torch_train  # noqa: E402
-from bench_train import (NOISY, NUM_BATCHES, Entry, TrainerRunner, config_for, environment, make_batches,  # noqa: E402
-                         measure, render_table)
+from bench_train import (NUM_BATCHES, Entry, TrainerRunner, config_for, environment, make_batches,  # noqa: E402
+                         measure, print_noisy, print_wall, render_table, settings_of, write_json)
 
 
 @dataclass(frozen=True)
@@ -159,19 +158,11 @@ def run(args: argparse.Namespace) -> None:
     print_table(rows, "Trainer throughput by precision (target tokens/s, higher is better; speedup vs the "
                       "framework's float32 trainer)")
     wall = time.perf_counter() - wall_start
-    noisy = [f"{r['model']} at d_model {r['d_model']}" for r in rows
-             if max(r["seconds"]) > NOISY * min(r["seconds"])]
-    if noisy:
-        print(f"noisy (slowest repetition over {NOISY:.2f}x the fastest): {', '.join(noisy)}")
-    print(f"wall time {wall:.1f} s, load average {env['load_average'][0]:.2f} before, "
-          f"{os.getloadavg()[0]:.2f} after")
+    print_noisy(rows)
+    print_wall(wall, env)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        report = {"settings": settings, "environment": env, "tokens_per_repetition": tokens,
-                  "wall_seconds": wall, "load_average_after": os.getloadavg(), "results": rows}
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, {"settings": settings_of(args), "environment": env, "tokens_per_repetition": tokens,
+                               "wall_seconds": wall, "load_average_after": os.getloadavg(), "results": rows})
 
 
 if __name__ == "__main__":

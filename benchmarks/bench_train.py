@@ -58,7 +58,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -465,6 +465,30 @@ def environment() -> dict[str, Any]:
             "load_average": os.getloadavg()}
 
 
+def print_noisy(rows: list[dict[str, Any]],
+                describe: Callable[[dict[str, Any]], str] = lambda r: f"{r['model']} at d_model {r['d_model']}") -> None:
+    """Name the rows whose slowest repetition (`seconds`) took over NOISY x their fastest."""
+    noisy = [describe(r) for r in rows if max(r["seconds"]) > NOISY * min(r["seconds"])]
+    if noisy:
+        print(f"noisy (slowest repetition over {NOISY:.2f}x the fastest): {', '.join(noisy)}")
+
+
+def print_wall(wall: float, env: dict[str, Any]) -> None:
+    print(f"wall time {wall:.1f} s, load average {env['load_average'][0]:.2f} before, "
+          f"{os.getloadavg()[0]:.2f} after")
+
+
+def settings_of(args: argparse.Namespace, leave_out: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The command line's settings for a JSON report (paths as strings)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in leave_out}
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
     headers = ["d_model", "model", "tokens/s", "ms/step", "spread", "twin/peer", "GFLOP/s", "of ceiling", "peak MB"]
     cells = [[str(r["d_model"]), r["model"], f"{r['tokens_per_s']:,.0f}", f"{r['ms_per_step']:.1f}",
@@ -575,20 +599,12 @@ def main(argv: list[str] | None = None) -> None:
     print_table(rows, "Training throughput (target tokens/s, higher is better; model FLOP/s of the machine's "
                       "matmul ceiling)")
     wall = time.perf_counter() - wall_start
-    noisy = [f"{r['model']} at d_model {r['d_model']}" for r in rows
-             if max(r["seconds"]) > NOISY * min(r["seconds"])]
-    if noisy:
-        print(f"noisy (slowest repetition over {NOISY:.2f}x the fastest): {', '.join(noisy)}")
-    print(f"wall time {wall:.1f} s, load average {env['load_average'][0]:.2f} before, "
-          f"{os.getloadavg()[0]:.2f} after")
+    print_noisy(rows)
+    print_wall(wall, env)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        report = {"settings": settings, "environment": env, "tokens_per_repetition": tokens,
-                  "matmul_ceiling_gflops": {**ceiling, "machine": machine, "measurements": ceilings},
-                  "wall_seconds": wall, "results": rows}
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, {"settings": settings_of(args), "environment": env, "tokens_per_repetition": tokens,
+                               "matmul_ceiling_gflops": {**ceiling, "machine": machine, "measurements": ceilings},
+                               "wall_seconds": wall, "results": rows})
 
 
 if __name__ == "__main__":
