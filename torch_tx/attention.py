@@ -33,6 +33,11 @@ class InProjection(nn.Module):
         return F.linear(x, self.weight[rows], self.bias[rows])  # [..., (last - first) * D]
 
 
+def _key(*names: str) -> str:
+    """Dotted state-dict key of the non-empty names: _key("", "q_proj", "bias") == "q_proj.bias"."""
+    return ".".join(n for n in names if n)
+
+
 def split_in_proj(tensors: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{name: tensor} -> the same with every `{prefix}…in_proj.{weight,bias}` split into its canonical row blocks
     `q_proj.weight, q_proj.bias, k_proj.…, v_proj.…` in its place (views; a DTensor is gathered first)."""
@@ -49,7 +54,7 @@ def split_in_proj(tensors: Mapping[str, Any], prefix: str = "") -> dict[str, Any
         blocks = {leaf: whole(tensors[f"{module}.{leaf}"]).chunk(3) for leaf in leaves}  # 3 x [D, ...]
         for i, proj in enumerate(QKV):
             for leaf in leaves:
-                out[f"{base}.{proj}.{leaf}" if base else f"{proj}.{leaf}"] = blocks[leaf][i]
+                out[_key(base, proj, leaf)] = blocks[leaf][i]
     return out
 
 
@@ -60,11 +65,11 @@ def join_in_proj(tensors: Mapping[str, Any], prefix: str = "") -> dict[str, Any]
     for name, tensor in tensors.items():
         module, _, leaf = name.rpartition(".")
         base, _, proj = module.rpartition(".")
-        parts = [f"{base}.{p}.{leaf}" if base else f"{p}.{leaf}" for p in QKV]
+        parts = [_key(base, p, leaf) for p in QKV]
         if proj not in QKV or not name.startswith(prefix) or not all(p in tensors for p in parts):
             out[name] = tensor
         elif proj == QKV[0]:
-            out[f"{base}.in_proj.{leaf}" if base else f"in_proj.{leaf}"] = torch.cat(
+            out[_key(base, "in_proj", leaf)] = torch.cat(
                 [whole(tensors[p]) for p in parts])  # [3D, ...]
     return out
 
@@ -144,10 +149,12 @@ def _join_state_dict(module: MultiHeadAttention, state_dict: dict, prefix: str, 
 def _canonical_errors(module: MultiHeadAttention, incompatible: Any) -> None:
     """load_state_dict post-hook: a missing `…in_proj.{leaf}` is reported as the canonical keys that are
     missing (those of its q, k, v triple not given), and the given ones are no longer unexpected."""
-    for key in [k for k in incompatible.missing_keys if k.rpartition(".")[0].endswith("in_proj")]:
+    for key in list(incompatible.missing_keys):
         module_name, _, leaf = key.rpartition(".")
-        base = module_name[:-len("in_proj")]
-        parts = [f"{base}{p}.{leaf}" for p in QKV]
+        base, _, last = module_name.rpartition(".")
+        if last != "in_proj":
+            continue
+        parts = [_key(base, p, leaf) for p in QKV]
         incompatible.missing_keys.remove(key)
         incompatible.missing_keys.extend(p for p in parts if p not in incompatible.unexpected_keys)
         incompatible.unexpected_keys[:] = [k for k in incompatible.unexpected_keys if k not in parts]
