@@ -3,12 +3,13 @@
 Each row times one alternative against the current choice, interleaved, best of `--repeats`:
 
 - fused QKV: the q/k/v projections of one attention block as one matmul with the three weights concatenated
-  ((3D, D) torch / (D, 3D) jax: what the twins' `in_proj` and torch.nn.MultiheadAttention do) against three
-  matmuls (the twins before the fusion), forward and backward, on the rows of a default `twin train` batch
-  (4096 tokens) and of a small one (512 tokens);
-- fused QKV in the step: whole training steps (`bench_train`'s loop) of each twin as it is against the same
-  twin projecting q, k and v with three matmuls on the blocks of its `in_proj` (and k, v of cross-attention
-  with two), interleaved, at every `--d-model`;
+  ((3D, D) torch / (D, 3D) jax: torch.nn.MultiheadAttention's layout) against three matmuls (what the twins
+  do), forward and backward, on the rows of a default `twin train` batch (4096 tokens) and of a small one
+  (512 tokens);
+- one matmul in the step: whole training steps (`bench_train`'s loop) of each twin as it is (separate
+  `q_proj`, `k_proj`, `v_proj`) against the same twin concatenating the weights inside forward, so that
+  self-attention projects q, k, v with one matmul and cross-attention k, v with one (no fused parameter, no
+  renamed weights), interleaved, at every `--d-model`;
 - donated state (JAX): the `jax_tx.train` step jitted with the train state donated (what the trainer does)
   and without; time per step and XLA's memory analysis of the compiled step (arguments + outputs +
   temporaries - aliased bytes);
@@ -86,44 +87,52 @@ def fused_qkv(d_model: int, tokens: int, repeats: int) -> dict[str, float]:
     return times
 
 
-def _separate(attn, x, blocks):
-    """The projections of `blocks` of attn's in_proj, one matmul each: what the twins did before the fusion."""
-    return tuple(attn._split_heads(attn.in_proj(x, i, i + 1), 1)[0] for i in blocks)  # n x [B, H, L, K]
+def torch_concatenated(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with every attention projecting q, k, v (self) or k, v (cross) with one matmul on its weights
+    concatenated inside forward (per-instance overrides; the parameters stay `q_proj`, `k_proj`, `v_proj`)."""
+    def project(attn, x, names):
+        layers = [getattr(attn, name) for name in names]
+        out = F.linear(x, torch.cat([m.weight for m in layers]), torch.cat([m.bias for m in layers]))  # [B, L, n D]
+        return tuple(attn._split_heads(part) for part in out.chunk(len(names), -1))  # n x [B, H, L, K]
 
-
-def torch_separate(model: torch.nn.Module) -> torch.nn.Module:
-    """`model` with every attention projecting q, k, v (self) or k, v (cross) one block at a time."""
     for attn in model.modules():
         if isinstance(attn, torch_tx.attention.MultiHeadAttention):
-            attn.project_qkv = functools.partial(_separate, attn, blocks=(0, 1, 2))
-            attn.project_kv = functools.partial(_separate, attn, blocks=(1, 2))
+            attn.project_qkv = functools.partial(project, attn, names=("q_proj", "k_proj", "v_proj"))
+            attn.project_kv = functools.partial(project, attn, names=("k_proj", "v_proj"))
     return model
 
 
-def flax_separate(next_fun, args, kwargs, context):
-    """nn.intercept_methods hook: the Flax twin's attention projecting one block at a time, as `torch_separate`."""
-    blocks = {"project_qkv": (0, 1, 2), "project_kv": (1, 2)}.get(context.method_name)
-    if isinstance(context.module, FlaxAttention) and blocks is not None:
-        return _separate(context.module, args[0], blocks)
-    return next_fun(*args, **kwargs)
+def flax_concatenated(next_fun, args, kwargs, context):
+    """nn.intercept_methods hook: the Flax twin's attention projecting with concatenated kernels, as
+    `torch_concatenated`."""
+    names = {"project_qkv": ("q_proj", "k_proj", "v_proj"), "project_kv": ("k_proj", "v_proj")}.get(
+        context.method_name)
+    if not isinstance(context.module, FlaxAttention) or names is None:
+        return next_fun(*args, **kwargs)
+    attn, dense = context.module, [getattr(context.module, name) for name in names]
+    kernel = jnp.concatenate([d.variables["params"]["kernel"] for d in dense], axis=1)  # [D, n D]
+    bias = jnp.concatenate([d.variables["params"]["bias"] for d in dense])  # [n D]
+    x, kernel, bias = fnn.dtypes.promote_dtype(args[0], kernel, bias)
+    out = x @ kernel + bias  # [B, L, n D]
+    return tuple(attn._split_heads(part) for part in jnp.split(out, len(names), axis=-1))  # n x [B, H, L, K]
 
 
-def fused_step(cfg, batches, steps: int, repeats: int) -> dict[str, float]:
-    """Tokens/s of whole training steps, each twin fused (as it is) and with separate projections."""
+def concatenated_step(cfg, batches, steps: int, repeats: int) -> dict[str, float]:
+    """Tokens/s of whole training steps, each twin as it is and with its projections concatenated."""
     torch.manual_seed(0)
-    separate_jax = JaxRunner(jax_tx.Transformer(cfg), batches, seed=0)
-    apply = separate_jax.state.apply_fn
+    concatenated_jax = JaxRunner(jax_tx.Transformer(cfg), batches, seed=0)
+    apply = concatenated_jax.state.apply_fn
 
-    def apply_separate(*args, **kwargs):
-        with fnn.intercept_methods(flax_separate):
+    def apply_concatenated(*args, **kwargs):
+        with fnn.intercept_methods(flax_concatenated):
             return apply(*args, **kwargs)
 
-    separate_jax.state = separate_jax.state.replace(apply_fn=apply_separate)  # its own jit cache entry
-    pairs = [[Entry("torch fused", "torch", "twin", TorchRunner(torch_tx.Transformer(cfg), batches)),
-              Entry("torch separate", "torch", "twin", TorchRunner(torch_separate(torch_tx.Transformer(cfg)),
-                                                                    batches))],
-             [Entry("jax fused", "jax", "twin", JaxRunner(jax_tx.Transformer(cfg), batches, seed=0)),
-              Entry("jax separate", "jax", "twin", separate_jax)]]
+    concatenated_jax.state = concatenated_jax.state.replace(apply_fn=apply_concatenated)  # its own jit cache entry
+    pairs = [[Entry("torch separate", "torch", "twin", TorchRunner(torch_tx.Transformer(cfg), batches)),
+              Entry("torch one matmul", "torch", "twin", TorchRunner(torch_concatenated(torch_tx.Transformer(cfg)),
+                                                                      batches))],
+             [Entry("jax separate", "jax", "twin", JaxRunner(jax_tx.Transformer(cfg), batches, seed=0)),
+              Entry("jax one matmul", "jax", "twin", concatenated_jax)]]
     # One framework at a time: with all four interleaved, the JAX pair's ratio followed the order of the
     # entries (0.85-0.91 fused/separate; 0.99-1.01 timed on its own).
     times = {name: t for pair in pairs for name, t in measure(pair, steps, warmup=2, repeats=repeats).items()}
@@ -186,11 +195,11 @@ def main(argv: list[str] | None = None) -> int:
                       + f"; fused/separate torch {t['torch fused'] / t['torch separate']:.2f}, "
                         f"jax {t['jax fused'] / t['jax separate']:.2f}")
         if "step" in args.parts:
-            t = part["fused_step"] = fused_step(cfg, batches, settings.steps, args.repeats)
-            print("training step with fused / separate q, k, v projections, tokens/s: "
+            t = part["concatenated_step"] = concatenated_step(cfg, batches, settings.steps, args.repeats)
+            print("training step with separate / concatenated q, k, v projections, tokens/s: "
                   + ", ".join(f"{k} {v:,.0f}" for k, v in t.items())
-                  + f"; fused/separate torch {t['torch fused'] / t['torch separate']:.3f}, "
-                    f"jax {t['jax fused'] / t['jax separate']:.3f}")
+                  + f"; one matmul/separate torch {t['torch one matmul'] / t['torch separate']:.3f}, "
+                    f"jax {t['jax one matmul'] / t['jax separate']:.3f}")
         if "donate" in args.parts:
             part["donated_state"] = donated_state(cfg, batches, args.repeats)
             print(f"JAX train step, state donated or not: {part['donated_state']}")

@@ -30,7 +30,6 @@ from flax import linen as nn
 from flax.training import train_state
 
 from jax_tx import distributed
-from jax_tx.attention import InProjection
 from jax_tx.decoding import generate
 from jax_tx.model import EncoderOnly, Generator, init_inputs, model_for
 from parity.batching import PACKING, Batch, label_pad
@@ -51,11 +50,9 @@ class Precision:
 
 PRECISIONS = {"float32": Precision(jnp.float32), "float64": Precision(jnp.float64),
               "bfloat16": Precision(jnp.float32, jnp.bfloat16)}
-# The module calls whose first argument goes into a matmul, cast by `autocast`: every nn.Dense, the fused q/k/v
-# projection, the output layer (tied or not) and the classifier's pooling (a masked mean, computed as a matmul
-# in both twins).
-MATMUL_CALLS = ((nn.Dense, "__call__"), (InProjection, "__call__"), (Generator, "__call__"),
-                (EncoderOnly, "classify"))
+# The module calls whose first argument goes into a matmul, cast by `autocast`: every nn.Dense, the output layer
+# (tied or not) and the classifier's pooling (a masked mean, computed as a matmul in both twins).
+MATMUL_CALLS = ((nn.Dense, "__call__"), (Generator, "__call__"), (EncoderOnly, "classify"))
 
 
 def loss_terms(logits: jnp.ndarray, labels: jnp.ndarray, pad_id: int, smoothing: float) -> dict[str, jnp.ndarray]:
@@ -110,7 +107,7 @@ def compute_params(params: Any, compute_dtype: Any) -> Any:
 def autocast(compute_dtype: Any):
     """Within it (while tracing), the first argument of the `MATMUL_CALLS` is cast to `compute_dtype`: with
     `compute_params`, every matmul runs in compute_dtype and returns it (attention too: its q, k, v come from
-    InProjection), and float32 + compute_dtype sums keep the residual stream in float32, as under torch.autocast.
+    nn.Dense), and float32 + compute_dtype sums keep the residual stream in float32, as under torch.autocast.
     Nothing when compute_dtype is None."""
     def cast_input(next_fun, args, kwargs, context):
         if any(isinstance(context.module, kind) and context.method_name == method for kind, method in MATMUL_CALLS):

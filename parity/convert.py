@@ -1,9 +1,8 @@
 """Weight conversion between the twins, and in from / out to torch.nn.Transformer and nn.TransformerEncoder.
 
 The canonical names are the torch twin's state_dict keys (`parity.names.canonical_shapes`). The
-Flax param tree uses the same module names, nested, list items as `layers_0`, except that an attention
-block's q_proj, k_proj and v_proj are the column blocks of one fused `in_proj` (`FUSED`). One strict rule
-table maps every leaf; every conversion checks that the key sets are equal and every shape matches, and
+Flax param tree uses the same module names, nested, list items as `layers_0`. One strict rule table
+maps every leaf; every conversion checks that the key sets are equal and every shape matches, and
 names the offending key when they do not. Frameworks are imported only inside the functions here.
 """
 
@@ -30,55 +29,27 @@ RULES: tuple[tuple[str, str, str, bool], ...] = (
     (r".*", "weight", "kernel", True),
     (r".*", "bias", "bias", False),
 )
-# Canonical modules that the Flax twin holds side by side in one module: an attention block's q, k and v
-# projections are the column blocks, in this order, of its `in_proj` (kernel (D, 3D), bias (3D,)).
-FUSED: dict[str, tuple[str, ...]] = {"in_proj": ("q_proj", "k_proj", "v_proj")}
-_PART_OF = {part: (fused, i) for fused, parts in FUSED.items() for i, part in enumerate(parts)}
-
-FlaxPath = tuple[str, ...]
 
 
-def _rule_for_canonical(key: str) -> tuple[FlaxPath, bool, int | None]:
-    """A canonical key -> (Flax path, transposed, index of its block in a fused param or None)."""
+def _rule_for_canonical(key: str) -> tuple[tuple[str, ...], bool]:
+    """A canonical key -> (its Flax param path, transposed). One key, one param: the twins hold no fused layout."""
     module, _, leaf = key.rpartition(".")
-    parent, _, name = module.rpartition(".")
-    fused, part = _PART_OF.get(name, (None, None))
     for pattern, torch_leaf, flax_leaf, transpose in RULES:
         if leaf == torch_leaf and re.fullmatch(pattern, module):
-            if fused is not None:
-                module = f"{parent}.{fused}" if parent else fused
             path = tuple(re.sub(r"\.(\d+)(?=\.|$)", r"_\1", module).split(".")) + (flax_leaf,)
-            return path, transpose, part
+            return path, transpose
     raise ConversionError(f"no conversion rule for key {key!r}")
 
 
-def _fused_keys(key: str) -> tuple[str, ...]:
-    """The canonical keys held with `key` in one Flax param, in block order (just `key` when not fused)."""
-    module, _, leaf = key.rpartition(".")
-    parent, _, name = module.rpartition(".")
-    if name not in _PART_OF:
-        return (key,)
-    return tuple(f"{parent}.{p}.{leaf}" if parent else f"{p}.{leaf}" for p in FUSED[_PART_OF[name][0]])
-
-
-def flax_key_map(cfg: TransformerConfig) -> dict[FlaxPath, tuple[tuple[str, ...], bool]]:
-    """{Flax param path: (the canonical keys it holds, transposed)} for every param of `jax_tx.model_for(cfg)`.
-
-    A fused param holds several keys as blocks along the canonical axis 0 (a kernel's columns, a bias's entries)."""
+def flax_key_map(cfg: TransformerConfig) -> dict[tuple[str, ...], tuple[str, bool]]:
+    """{Flax param path: (canonical key, transposed)} for every param of `jax_tx.model_for(cfg)`."""
     tied = aliases(cfg)
-    out: dict[FlaxPath, tuple[tuple[str, ...], bool]] = {}
+    out = {}
     for key in canonical_shapes(cfg):
         if key not in tied:
-            path, transpose, _ = _rule_for_canonical(key)
-            out.setdefault(path, (_fused_keys(key), transpose))
+            path, transpose = _rule_for_canonical(key)
+            out[path] = (key, transpose)
     return out
-
-
-def _flax_shape(keys: tuple[str, ...], transpose: bool, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
-    """The shape of the Flax param holding `keys` (canonical shapes stacked along axis 0, then transposed)."""
-    first = shapes[keys[0]]
-    shape = (first[0] * len(keys),) + tuple(first[1:])
-    return shape[::-1] if transpose else shape
 
 
 def _check_keys(got: set[str], expected: set[str], what: str) -> None:
@@ -165,22 +136,11 @@ def stack_shapes(cfg: TransformerConfig) -> dict[str, tuple[int, ...]]:
 
 def rename_to_flax(weights: Mapping[str, Any]) -> dict[str, Any]:
     """Apply the rule table to canonical-style keys of any module (e.g. one MultiHeadAttention's
-    state_dict) -> nested Flax params of numpy arrays, fused blocks joined. No key-set check beyond
-    complete fused blocks: see `canonical_to_flax`."""
+    state_dict) -> nested Flax params of numpy arrays. No key-set check: see `canonical_to_flax`."""
     params: dict[str, Any] = {}
     for key, value in weights.items():
-        path, transpose, part = _rule_for_canonical(key)
-        if part:
-            continue
-        keys = _fused_keys(key)
-        missing = [k for k in keys if k not in weights]
-        if missing:
-            raise ConversionError(f"missing key(s) {', '.join(repr(k) for k in missing)}: {key!r} is fused with "
-                                  f"them in the Flax param {'/'.join(path)!r}")
-        arrays = [to_numpy(weights[k]) for k in keys]
-        for k, a in zip(keys[1:], arrays[1:]):
-            _check_shape(k, a.shape, arrays[0].shape)
-        array = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]  # [n * out, ...]
+        path, transpose = _rule_for_canonical(key)
+        array = to_numpy(value)
         node = params
         for name in path[:-1]:
             node = node.setdefault(name, {})
@@ -225,18 +185,12 @@ def flax_to_canonical(params: Mapping[str, Any], cfg: TransformerConfig,
     _check_keys({"/".join(p) for p in flat}, {"/".join(p) for p in key_map}, "Flax params")
     shapes = canonical_shapes(cfg)
     out: dict[str, np.ndarray] = {}
-    for path, (keys, transpose) in key_map.items():
+    for path, (key, transpose) in key_map.items():
         value = to_numpy(flat.pop(path))
         if consume:
             _pop_leaf(params, path)
-        _check_shape("/".join(path), value.shape, _flax_shape(keys, transpose, shapes))
-        if len(keys) == 1:
-            out[keys[0]] = contiguous(value.T if transpose else value)
-            continue
-        n = shapes[keys[0]][0]
-        for i, key in enumerate(keys):
-            block = value[..., i * n:(i + 1) * n] if transpose else value[i * n:(i + 1) * n]
-            out[key] = np.ascontiguousarray(block.T if transpose else block)
+        _check_shape("/".join(path), value.shape, shapes[key][::-1] if transpose else shapes[key])
+        out[key] = contiguous(value.T if transpose else value)
     for alias, owner in aliases(cfg).items():
         out[alias] = out[owner]
     return {key: out[key] for key in shapes}

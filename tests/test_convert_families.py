@@ -120,7 +120,7 @@ def test_a_decoder_checkpoint_with_cross_attention(case, capsys, flax):  # noqa:
     else:
         path = save(src / "m.safetensors", decoder, arrays)
     line = refused(capsys, path, out)
-    key = "decoder/layers_0/cross_attn/in_proj/bias" if flax else "decoder.layers.0.cross_attn.k_proj.bias"
+    key = "decoder/layers_0/cross_attn/k_proj/bias" if flax else "decoder.layers.0.cross_attn.k_proj.bias"
     assert f"unexpected key(s) '{key}'" in line
     assert "arch 'decoder' has no cross-attention" in line
 

@@ -29,7 +29,6 @@ from parity.batching import PACKING, Batch, label_pad
 from parity.config import TransformerConfig
 from parity.convert import to_numpy, to_torch
 from parity.train import TrainConfig, TrainState, learning_rate
-from torch_tx.attention import join_in_proj, split_in_proj
 from torch_tx.decoding import generate
 from torch_tx.distributed import Context, laid_out_like, whole
 from torch_tx.model import model_for
@@ -210,7 +209,7 @@ class Trainer:
         if context is not None and context.rank:
             torch.manual_seed(process_seed(tcfg.seed, context.rank, 0))
         self.optimizer, self.schedule = make_optimizer(self.model, tcfg)
-        self.params = dict(self.model.named_parameters(remove_duplicate=False))  # name -> parameter (in_proj fused)
+        self.params = dict(self.model.named_parameters(remove_duplicate=False))  # canonical name -> parameter
         self._replica: torch.nn.Module | None = None
 
     def _tensors(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -269,13 +268,11 @@ class Trainer:
         stream; a distributed run adds rng["torch_processes"], every process's stream (P, N) by rank.
         """
         weights = self.weights()
-        moments = {}
-        for moment in ("exp_avg", "exp_avg_sq"):
-            slots = {key: self.optimizer.state.get(param, {}) for key, param in self.params.items()}
-            named = {key: whole(slots[key][moment]) if moment in slots[key] else torch.zeros(param.shape,
-                                                                                           dtype=param.dtype)
-                     for key, param in self.params.items()}
-            moments[moment] = {key: to_numpy(v) for key, v in split_in_proj(named).items()}
+        moments = {"exp_avg": {}, "exp_avg_sq": {}}
+        for key in weights:
+            slot = self.optimizer.state.get(self.params[key], {})
+            for moment, arrays in moments.items():
+                arrays[key] = to_numpy(whole(slot[moment])) if moment in slot else np.zeros_like(weights[key])
         rng = {"torch": torch.get_rng_state().numpy()}
         if self.context is not None:
             rng[PROCESS_RNG] = self.context.all_gather(torch.get_rng_state()).numpy()  # [P, N]
@@ -297,13 +294,12 @@ class Trainer:
                                     else to_torch(np.asarray(v)) for k, v in sorted(state.weights.items())})
         self.optimizer.state.clear()
         if state.step:
-            exp_avg, exp_avg_sq = (join_in_proj({k: to_torch(v) for k, v in moment.items()})
-                                   for moment in (state.exp_avg, state.exp_avg_sq))
             for key in sorted(self.params):
                 param = self.params[key]
-                self.optimizer.state[param] = {"step": torch.tensor(float(state.step)),
-                                               "exp_avg": laid_out_like(exp_avg[key], param),
-                                               "exp_avg_sq": laid_out_like(exp_avg_sq[key], param)}
+                self.optimizer.state[param] = {
+                    "step": torch.tensor(float(state.step)),
+                    "exp_avg": laid_out_like(to_torch(state.exp_avg[key]), param),
+                    "exp_avg_sq": laid_out_like(to_torch(state.exp_avg_sq[key]), param)}
         self.schedule = restart_schedule(self.schedule, state.step)
         self._restore_rng(state)
 
