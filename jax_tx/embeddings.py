@@ -10,6 +10,7 @@ import numpy as np
 from flax import linen as nn
 
 from jax_tx.initializers import embedding_std
+from jax_tx.tracing import tracing
 from parity.numerics import sinusoidal_table
 
 
@@ -19,12 +20,13 @@ def check_token_ids(ids: jnp.ndarray, vocab_size: int) -> None:
 
 
 def check_index_range(values: jnp.ndarray, size: int, what: str, bound: str) -> None:
-    """TypeError unless `values` are integers; ValueError when concrete values fall outside [0, size)
-    (`bound` is how the message writes size). Traced values cannot raise."""
+    """TypeError unless `values` are integers; ValueError when they fall outside [0, size) (`bound` is how the
+    message writes size). While JAX traces (`jax_tx.tracing`), even captured constants are not looked at."""
     if not jnp.issubdtype(values.dtype, jnp.integer):
         raise TypeError(f"{what} must be an integer array, got {values.dtype}")
-    if not isinstance(values, jax.core.Tracer) and values.size:
-        lo, hi = int(np.min(values)), int(np.max(values))
+    if values.size and not tracing():
+        host = np.asarray(values)
+        lo, hi = int(host.min()), int(host.max())
         if lo < 0 or hi >= size:
             raise ValueError(f"{what} must be in [0, {bound}), got values in [{lo}, {hi}]")
 
@@ -58,7 +60,7 @@ class PositionalEncoding(nn.Module):
     offset + L > max_len, or a concrete position outside [0, max_len), raises ValueError.
 
     The table is the float64 one of parity.numerics, cast to x's dtype (the torch twin does the same).
-    A traced `offset` (cached decoding under jit) cannot raise; callers keep it in range.
+    An array `offset` while JAX traces (cached decoding under jit) cannot raise; callers keep it in range.
     """
 
     d_model: int
@@ -76,7 +78,7 @@ class PositionalEncoding(nn.Module):
             check_positions(positions, tuple(x.shape[:2]), self.max_len)
             table = jnp.asarray(_table(self.max_len, self.d_model), x.dtype)  # [max_len, D]
             table = jnp.take(table, positions, axis=0, mode="fill", fill_value=jnp.nan)  # [B, L, D]
-        elif isinstance(offset, jax.core.Tracer):
+        elif not isinstance(offset, (int, np.integer)) and tracing():
             table = jax.lax.dynamic_slice_in_dim(jnp.asarray(_table(self.max_len, self.d_model), x.dtype),
                                                  offset, length)  # [L, D]
         else:

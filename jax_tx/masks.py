@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_tx.tracing import tracing
+
 
 def padding_mask(ids: jnp.ndarray, pad_id: int, mask: jnp.ndarray | None = None,
                  name: str = "mask") -> jnp.ndarray:
@@ -70,8 +72,8 @@ def check_segments(segments: jnp.ndarray, expected: tuple[int, ...], name: str) 
         raise ValueError(f"{name} must have shape (B, L) = {expected}, got {tuple(segments.shape)}")
     if not jnp.issubdtype(segments.dtype, jnp.integer):
         raise TypeError(f"{name} must be an integer array (0 = padding), got {segments.dtype}")
-    if not isinstance(segments, jax.core.Tracer) and segments.size and int(np.min(segments)) < 0:
-        raise ValueError(f"{name} must be >= 0 (0 = padding), got {int(np.min(segments))}")
+    if segments.size and not tracing() and int(np.asarray(segments).min()) < 0:
+        raise ValueError(f"{name} must be >= 0 (0 = padding), got {int(np.asarray(segments).min())}")
     return jnp.asarray(segments)
 
 

@@ -12,6 +12,7 @@ from jax_tx.layers import DecoderLayer, EncoderLayer, layer_norm
 from jax_tx.initializers import linear
 from jax_tx.masks import (causal_mask, check_padding_mask, check_segments, key_mask, padding_mask, segment_mask,
                           self_attention_masks)
+from jax_tx.tracing import tracing
 from parity.config import TransformerConfig
 
 
@@ -354,5 +355,5 @@ def _check_ids(ids: jnp.ndarray, name: str) -> None:
 def _check_cache_call(batch: int, cache_batch: int, index, length: int, slots: int) -> None:
     if batch != cache_batch:
         raise ValueError(f"tgt has batch size {batch}, the cache {cache_batch}")
-    if not isinstance(index, jax.core.Tracer) and int(index) + length > slots:
+    if not tracing() and int(index) + length > slots:
         raise ValueError(f"the cache holds {slots} positions and {int(index)} are used: {length} more do not fit")
