@@ -11,6 +11,7 @@ norm of the source twin's result. Dropout is off.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -220,8 +221,9 @@ def _outputs(cfg: TransformerConfig, model_outputs: Any, memory: Any) -> dict[st
 
 
 def run_torch(cfg: TransformerConfig, weights: Mapping[str, np.ndarray], inputs: Inputs, dtype: str,
-              device: str = "cpu") -> dict[str, Any]:
-    """Torch twin on canonical weights: its outputs (OUTPUTS[cfg.arch]) and {canonical name: grad}, all numpy."""
+              device: str = "cpu", grads: bool = True) -> dict[str, Any]:
+    """Torch twin on canonical weights: its outputs (OUTPUTS[cfg.arch]) and {canonical name: grad} (`grads`),
+    all numpy."""
     import torch
 
     import torch_tx
@@ -232,10 +234,13 @@ def run_torch(cfg: TransformerConfig, weights: Mapping[str, np.ndarray], inputs:
     model.load_state_dict({k: to_torch(v) for k, v in weights.items()}, strict=True)
     kwargs = forward_kwargs(cfg, inputs, lambda a: torch.from_numpy(a).to(device))
     memory = None
-    if cfg.arch == "seq2seq":
-        memory = model.encode(kwargs["src"], kwargs["src_mask"],
-                              src_segments=kwargs.get("src_segments"))  # [B, S, D]
-    outputs = _outputs(cfg, model(**kwargs), memory)
+    with torch.set_grad_enabled(grads):
+        if cfg.arch == "seq2seq":
+            memory = model.encode(kwargs["src"], kwargs["src_mask"],
+                                  src_segments=kwargs.get("src_segments"))  # [B, S, D]
+        outputs = _outputs(cfg, model(**kwargs), memory)
+    if not grads:
+        return {k: to_numpy(v) for k, v in outputs.items()}
     loss = sum((outputs[name] * torch.from_numpy(w).to(device=device, dtype=tdtype)).sum()
                for name, w in inputs.loss_weights.items())  # []
     loss.backward()
@@ -244,22 +249,35 @@ def run_torch(cfg: TransformerConfig, weights: Mapping[str, np.ndarray], inputs:
 
 
 def run_jax(cfg: TransformerConfig, weights: Mapping[str, np.ndarray], inputs: Inputs, dtype: str,
-            device: str = "cpu") -> dict[str, Any]:
-    """Flax twin on canonical weights (through the converter): its outputs and canonical grads."""
+            device: str = "cpu", grads: bool = True) -> dict[str, Any]:
+    """Flax twin on canonical weights (through the converter): its outputs and canonical grads (`grads`)."""
     import jax
     import jax.numpy as jnp
-
-    import jax_tx
 
     jdtype = jnp.dtype(dtype)
     if jdtype == jnp.float64 and not jax.config.jax_enable_x64:
         raise RuntimeError("float64 needs JAX's 64-bit mode: jax.config.update('jax_enable_x64', True)")
-    model = jax_tx.model_for(cfg)
     with _jax_device(device) as dev:
         params = jax.tree_util.tree_map(lambda a: jax.device_put(jnp.asarray(a, dtype=jdtype), dev),
                                         canonical_to_flax(weights, cfg))
         kwargs = forward_kwargs(cfg, inputs, jnp.asarray)
         w = {name: jnp.asarray(v, dtype=jdtype) for name, v in inputs.loss_weights.items()}
+        outputs, g = _jax_step()(cfg, params, kwargs, w, grads)
+    out = {k: np.asarray(v) for k, v in outputs.items()}
+    return {**out, "grads": flax_to_canonical(g, cfg)} if grads else out
+
+
+@functools.cache
+def _jax_step():
+    """The jitted Flax side of a comparison: (cfg, params, model kwargs, loss weights, grads) -> (outputs, grads
+    or None). One XLA program per config and shapes (jitted: op-by-op dispatch took 2-8 s per call on tiny models).
+    The matmul precision is set by the caller's `jax.default_matmul_precision`, which jit's cache keys on."""
+    import jax
+
+    import jax_tx
+
+    def step(cfg, params, kwargs, w, grads):
+        model = jax_tx.model_for(cfg)
         memory = None
         if cfg.arch == "seq2seq":
             memory = model.apply({"params": params}, kwargs["src"], kwargs["src_mask"], method=model.encode,
@@ -269,8 +287,12 @@ def run_jax(cfg: TransformerConfig, weights: Mapping[str, np.ndarray], inputs: I
             outputs = _outputs(cfg, model.apply({"params": p}, **kwargs), memory)
             return sum((outputs[name] * w[name]).sum() for name in w), outputs
 
-        (_, outputs), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return {**{k: np.asarray(v) for k, v in outputs.items()}, "grads": flax_to_canonical(grads, cfg)}
+        if not grads:
+            return loss_fn(params)[1], None
+        (_, outputs), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return outputs, g
+
+    return jax.jit(step, static_argnums=(0, 4))
 
 
 RUNNERS = {"torch": run_torch, "jax": run_jax}
@@ -298,14 +320,15 @@ def compare_twins(cfg: TransformerConfig, weights: Mapping[str, np.ndarray], inp
     check_canonical(weights, cfg)
     other = "jax" if source == "torch" else "torch"
     weights = {k: np.asarray(v).astype(np_dtype(dtype)) for k, v in weights.items()}
-    ref = RUNNERS[source](cfg, weights, inputs, dtype, device)
-    got = RUNNERS[other](cfg, weights, inputs, dtype, device)
+    grads = dtype != "bfloat16"  # bfloat16 gradients accumulate in framework-specific orders: no claim, not computed
+    ref = RUNNERS[source](cfg, weights, inputs, dtype, device, grads)
+    got = RUNNERS[other](cfg, weights, inputs, dtype, device, grads)
     tol = TOLERANCES[dtype]
     tag = f"{source}->{other}"
     rows = [Check(f"{tag} {name}", dtype, *errors(got[name], ref[name]), tol) for name in OUTPUTS[cfg.arch]
             if name in ref]
-    if dtype == "bfloat16":
-        return rows  # bfloat16 gradients are accumulated in bfloat16 in framework-specific orders: no claim
+    if not grads:
+        return rows
     denoms = _grad_denominators(ref["grads"], dtype)
     per_param = {k: errors(got["grads"][k], ref["grads"][k], denoms[k]) for k in ref["grads"]}
     worst = max(per_param, key=lambda k: per_param[k][1])

@@ -88,3 +88,22 @@ def test_key_sets_and_shapes_match_the_canonical_names(cfg):
     assert set(flat) == {"/".join(p) for p in key_map}
     for path, (key, transpose) in key_map.items():
         assert flat["/".join(path)] == (expected[key][::-1] if transpose else expected[key])
+
+
+def test_twin_parity_passes_with_xla_default_flags():
+    """The suite compiles with FAST_COMPILE (conftest); users' XLA does not. `twin parity` in a fresh process with
+    XLA's default flags: 3 random configs (an encoder, a decoder, a seq2seq), both directions, every dtype."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import FAST_COMPILE
+
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace(FAST_COMPILE, "").strip(),
+           "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-m", "parity.cli", "parity", "--configs", "3", "--seed", "0",
+                             "--dtypes", "float64,float32,bfloat16"], capture_output=True, text=True, env=env,
+                            cwd=Path(__file__).resolve().parents[1], timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " 0 failed" in result.stdout

@@ -18,11 +18,10 @@ from parity.checkpoint import load_checkpoint
 from parity.train import TrainError, parse_mesh
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def _env(devices: int | None = 8) -> dict[str, str]:
-    flags = FAST_COMPILE + (f" --xla_force_host_platform_device_count={devices}" if devices else "")
+    flags = os.environ.get("XLA_FLAGS", "") + (f" --xla_force_host_platform_device_count={devices}" if devices else "")
     return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, "PYTHONPATH": str(ROOT)}
 
 
