@@ -4,8 +4,9 @@ Mirrors `torch_tx/decoding.py` name for name. The encoder runs once; every step 
 sequence through `Transformer.decode(..., cache=cache)`, inside one jitted `lax.while_loop` with
 static shapes that stops once every sequence has finished. A DecoderOnly reads BOS + the prompt in one
 cached call before the loop. The cache is a pytree carried through the loop (nothing is mutated).
-Greedy and beam search give the same tokens as the torch twin on converted weights; sampling is
-reproducible from `seed` (keys `fold_in(key, step)`) within this framework.
+No search ever emits the pad id or BOS (`forbidden_ids`, static): their scores are floored inside the
+search (`forbid`). Greedy and beam search give the same tokens as the torch twin on converted weights;
+sampling is reproducible from `seed` (keys `fold_in(key, step)`) within this framework.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from jax_tx.masks import padding_mask
 from jax_tx.embeddings import check_token_ids
 from jax_tx.model import DecoderOnly, Transformer, _check_ids
-from parity.decoding import NEG_INF, check_generate_args, check_prompt, length_penalty
+from parity.decoding import NEG_INF, check_generate_args, check_prompt, forbidden_ids, length_penalty
 
 
 def generate(model: Transformer | DecoderOnly, params: Mapping[str, Any], src: jnp.ndarray, *, max_new_tokens: int,
@@ -30,9 +31,11 @@ def generate(model: Transformer | DecoderOnly, params: Mapping[str, Any], src: j
              src_mask: jnp.ndarray | None = None) -> jnp.ndarray:
     """Output ids (B, n <= max_new_tokens) for src (B, S), without BOS, pad after EOS.
 
-    beam_size 1 and temperature 0: greedy. temperature > 0: sampling from softmax(logits / temperature)
-    restricted to the top_k tokens (0: all) and to the smallest set whose probability reaches top_p.
-    beam_size > 1: beam search, hypotheses scored by summed log-probabilities / ((5 + len) / 6) ** length_penalty.
+    No search emits the config's pad_id or bos_id (unless it is eos_id): `parity.decoding.forbidden_ids`.
+    beam_size 1 and temperature 0: greedy, the argmax over the other ids. temperature > 0: sampling from
+    softmax(logits / temperature) renormalised over the other ids, then restricted to the top_k tokens (0: all)
+    and to the smallest set whose probability reaches top_p. beam_size > 1: beam search, hypotheses scored by
+    their summed log-probabilities under the model / ((5 + len) / 6) ** length_penalty.
     n is the number of steps taken: decoding stops once every sequence has finished (or, for beams, once
     no live hypothesis can beat the finished ones). `params` is the Flax params tree (or {"params": tree}).
     The loop is compiled once per (model, shapes, decoding arguments); pad S to a few lengths.
@@ -92,11 +95,24 @@ def filter_logits(logits: jnp.ndarray, top_k: int, top_p: float) -> jnp.ndarray:
     return logits
 
 
-def next_token(logits: jnp.ndarray, temperature: float, top_k: int, top_p: float, key: jax.Array) -> jnp.ndarray:
-    """logits (B, V) -> token ids (B,): argmax at temperature 0, else a draw from the filtered softmax."""
+def forbid(scores: jnp.ndarray, ids: tuple[int, ...]) -> jnp.ndarray:
+    """scores (B, V) (logits or log-probabilities) with the entries of `ids` set to the dtype's most negative
+    value, the floor of filter_logits: finite, like the masks, below every other score (a dead beam's too),
+    and exp(floor - max) is exactly 0, so a softmax renormalises over the other ids."""
+    if not ids:
+        return scores
+    return scores.at[..., np.asarray(ids)].set(jnp.finfo(scores.dtype).min)  # [B, V]
+
+
+def next_token(logits: jnp.ndarray, temperature: float, top_k: int, top_p: float, key: jax.Array,
+               forbidden: tuple[int, ...] = ()) -> jnp.ndarray:
+    """logits (B, V) -> token ids (B,), never one of `forbidden`: the argmax at temperature 0, else a draw from
+    softmax(logits / temperature) renormalised over the other ids and filtered (top_k, top_p) after that.
+    The ban follows the division, so that a temperature below 1 cannot push the floor to -inf."""
     if temperature == 0.0:
-        return logits.argmax(-1)  # [B]
-    return jax.random.categorical(key, filter_logits(logits / temperature, top_k, top_p), axis=-1)  # [B]
+        return forbid(logits, forbidden).argmax(-1)  # [B]
+    return jax.random.categorical(key, filter_logits(forbid(logits / temperature, forbidden), top_k, top_p),
+                                  axis=-1)  # [B]
 
 
 def sample(model: Transformer, params, memory: jnp.ndarray, src_mask: jnp.ndarray, *, max_new_tokens: int,
@@ -114,8 +130,9 @@ def sample(model: Transformer, params, memory: jnp.ndarray, src_mask: jnp.ndarra
     token = jnp.full((b, 1), bos_id, dtype=jnp.int32)  # [B, 1]
     done = jnp.zeros(b, dtype=jnp.bool_)  # [B]
     cache = model.apply({"params": params}, memory, src_mask, max_new_tokens, method=model.init_cache)
-    return _sample_loop(decode_step, _chooser(temperature, top_k, top_p, key), jnp.int32(0), out, token, cache, done,
-                        max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=model.cfg.pad_id)
+    choose = _chooser(temperature, top_k, top_p, key, forbidden_ids(model.cfg, bos_id, eos_id))
+    return _sample_loop(decode_step, choose, jnp.int32(0), out, token, cache, done, max_new_tokens=max_new_tokens,
+                        eos_id=eos_id, pad_id=model.cfg.pad_id)
 
 
 def sample_continuation(model: DecoderOnly, params, prompt: jnp.ndarray, prompt_mask: jnp.ndarray, *,
@@ -142,7 +159,7 @@ def sample_continuation(model: DecoderOnly, params, prompt: jnp.ndarray, prompt_
                                     tgt_positions=positions[:, -1:] + steps)  # [B, 1, V]
         return logits[:, -1], cache  # [B, V]
 
-    choose = _chooser(temperature, top_k, top_p, key)
+    choose = _chooser(temperature, top_k, top_p, key, forbidden_ids(model.cfg, bos_id, eos_id))
     out = jnp.full((b, max_new_tokens), pad_id, dtype=jnp.int32)  # [B, N]
     out, token, done = _pick(choose, logits, jnp.int32(0), out, jnp.zeros(b, dtype=jnp.bool_), eos_id=eos_id,
                              pad_id=pad_id)  # token [B, 1]
@@ -158,11 +175,16 @@ def beam_search(model: Transformer, params, memory: jnp.ndarray, src_mask: jnp.n
     moves those ending in EOS into a separate pool of K finished ones (scored with the length penalty),
     and keeps the K best others live. It stops when every row's worst finished score beats the best
     score its live hypotheses could still reach (alpha >= 0: log-probabilities only fall, the penalty
-    only grows up to max_new_tokens), or after max_new_tokens. Rows without a finished hypothesis
-    return their best live one.
+    only grows up to max_new_tokens) or no live hypothesis is possible (EOS was the only allowed token),
+    or after max_new_tokens. Rows without a finished hypothesis return their best live one.
+    The forbidden ids' log-probabilities are floored (not renormalised: a hypothesis scores its
+    log-probability under the model, as in fairseq and Hugging Face), so every extension by an allowed
+    token, a dead beam's included, outranks one by a forbidden token; EOS is allowed, so a forbidden
+    token is never returned.
     """
     b, k, n, pad_id = memory.shape[0], beam_size, max_new_tokens, model.cfg.pad_id
     vocab = model.cfg.tgt_vocab_size
+    forbidden = forbidden_ids(model.cfg, bos_id, eos_id)
     cache = model.apply({"params": params}, memory, src_mask, n, method=model.init_cache)
     cache = _map_cache(cache, lambda x: jnp.repeat(x, k, axis=0), self_only=False)
     dtype = jnp.promote_types(memory.dtype, jnp.float32)
@@ -181,7 +203,8 @@ def beam_search(model: Transformer, params, memory: jnp.ndarray, src_mask: jnp.n
     def body(carry):
         steps, live_tokens, live_logp, fin_tokens, fin_scores, token, cache, _ = carry
         logits, cache = model.apply({"params": params}, token, None, None, fed, cache, method=model.decode)  # [B*K, 1, V]
-        logp = jax.nn.log_softmax(_at_least_float32(logits[:, -1]), -1).reshape(b, k, vocab)  # [B, K, V]
+        logp = forbid(jax.nn.log_softmax(_at_least_float32(logits[:, -1]), -1), forbidden)  # [B*K, V]
+        logp = logp.reshape(b, k, vocab)  # [B, K, V]
         top_logp, top_index = jax.lax.top_k((live_logp[:, :, None] + logp).reshape(b, k * vocab), 2 * k)  # [B, 2K]
         parent, chosen = top_index // vocab, (top_index % vocab).astype(jnp.int32)  # [B, 2K]
         seqs = jnp.take_along_axis(live_tokens, parent[:, :, None], 1).at[:, :, steps].set(chosen)  # [B, 2K, N]
@@ -195,7 +218,8 @@ def beam_search(model: Transformer, params, memory: jnp.ndarray, src_mask: jnp.n
         rows = (first_row + jnp.take_along_axis(parent, pick, 1)).reshape(-1)  # [B*K]
         cache = _map_cache(cache, lambda x: jnp.take(x, rows, axis=0), self_only=True)
         token = jnp.take_along_axis(chosen, pick, 1).reshape(b * k, 1)  # [B*K, 1]
-        finished = (fin_scores[:, -1] > live_logp[:, 0] / length_penalty(n, alpha)).all()
+        dead = live_logp[:, 0] <= NEG_INF / 2  # [B]: no possible hypothesis is live (EOS was all that was left)
+        finished = ((fin_scores[:, -1] > live_logp[:, 0] / length_penalty(n, alpha)) | dead).all()
         return steps + 1, live_tokens, live_logp, fin_tokens, fin_scores, token, cache, finished
 
     steps, live_tokens, _, fin_tokens, fin_scores, *_ = jax.lax.while_loop(
@@ -228,11 +252,11 @@ def _at_least_float32(x: jnp.ndarray) -> jnp.ndarray:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _chooser(temperature: float, top_k: int, top_p: float, key: jax.Array):
+def _chooser(temperature: float, top_k: int, top_p: float, key: jax.Array, forbidden: tuple[int, ...]):
     """choose(logits (B, V), steps) -> the token ids (B,) of output column `steps` (next_token's rule, with the
     key fold_in(key, steps))."""
     return lambda logits, steps: next_token(_at_least_float32(logits), temperature, top_k, top_p,
-                                            jax.random.fold_in(key, steps))
+                                            jax.random.fold_in(key, steps), forbidden)
 
 
 def _pick(choose, logits: jnp.ndarray, steps: jnp.ndarray, out: jnp.ndarray, done: jnp.ndarray, *, eos_id: int,

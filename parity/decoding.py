@@ -1,4 +1,5 @@
-"""What both twins' `generate` share: argument checks and the beam-search length penalty (framework-neutral)."""
+"""What both twins' `generate` share: argument checks, the ids it never emits and the beam-search length penalty
+(framework-neutral)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,17 @@ from parity.config import TransformerConfig
 
 NEG_INF = -1.0e9
 """Log-probability of an impossible hypothesis (a dead beam, an unfilled pool slot); finite, like the masks'."""
+
+
+def forbidden_ids(cfg: TransformerConfig, bos_id: int, eos_id: int) -> tuple[int, ...]:
+    """The ids `generate` never emits, sorted: pad_id and bos_id, less eos_id (EOS is never forbidden, even
+    where a config makes it the pad or BOS id).
+
+    "Pad after EOS" is the output contract, so a pad before EOS would make it ambiguous, and a full forward
+    pass over the output would mask it as padding; BOS is read, never predicted. Both ids are in the target
+    vocabulary (`check_generate_args` checks bos_id, the config pad_id), and EOS always remains to choose.
+    """
+    return tuple(sorted({cfg.pad_id, bos_id} - {eos_id}))
 
 
 def length_penalty(length, alpha: float):

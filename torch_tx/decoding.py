@@ -2,8 +2,9 @@
 
 Mirrors `jax_tx/decoding.py` name for name. The encoder runs once; every step feeds one token per
 sequence through `Transformer.decode(..., cache=cache)`. A DecoderOnly reads BOS + the prompt in one
-cached call, then one token per step. Greedy and beam search give the same tokens as the Flax twin on
-converted weights; sampling is reproducible from `seed` within this framework.
+cached call, then one token per step. No search ever emits the pad id or BOS (`forbidden_ids`): their
+scores are floored inside the search (`forbid`). Greedy and beam search give the same tokens as the Flax
+twin on converted weights; sampling is reproducible from `seed` within this framework.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 
 import torch
 
-from parity.decoding import NEG_INF, check_generate_args, check_prompt, length_penalty
+from parity.decoding import NEG_INF, check_generate_args, check_prompt, forbidden_ids, length_penalty
 from torch_tx.masks import padding_mask
 from torch_tx.model import DecoderOnly, Transformer
 
@@ -23,9 +24,11 @@ def generate(model: Transformer | DecoderOnly, src: torch.Tensor, *, max_new_tok
              top_p: float = 1.0, seed: int | None = None, src_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Output ids (B, n <= max_new_tokens) for src (B, S), without BOS, pad after EOS.
 
-    beam_size 1 and temperature 0: greedy. temperature > 0: sampling from softmax(logits / temperature)
-    restricted to the top_k tokens (0: all) and to the smallest set whose probability reaches top_p.
-    beam_size > 1: beam search, hypotheses scored by summed log-probabilities / ((5 + len) / 6) ** length_penalty.
+    No search emits the config's pad_id or bos_id (unless it is eos_id): `parity.decoding.forbidden_ids`.
+    beam_size 1 and temperature 0: greedy, the argmax over the other ids. temperature > 0: sampling from
+    softmax(logits / temperature) renormalised over the other ids, then restricted to the top_k tokens (0: all)
+    and to the smallest set whose probability reaches top_p. beam_size > 1: beam search, hypotheses scored by
+    their summed log-probabilities under the model / ((5 + len) / 6) ** length_penalty.
     n is the number of steps taken: decoding stops once every sequence has finished (or, for beams, once
     no live hypothesis can beat the finished ones).
 
@@ -79,12 +82,23 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+def forbid(scores: torch.Tensor, ids: tuple[int, ...]) -> torch.Tensor:
+    """scores (B, V) (logits or log-probabilities) with the entries of `ids` set to the dtype's most negative
+    value, the floor of filter_logits: finite, like the masks, below every other score (a dead beam's too),
+    and exp(floor - max) is exactly 0, so a softmax renormalises over the other ids."""
+    if not ids:
+        return scores
+    return scores.index_fill(-1, torch.tensor(ids, device=scores.device), torch.finfo(scores.dtype).min)  # [B, V]
+
+
 def next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-               generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,): argmax at temperature 0, else a draw from the filtered softmax."""
+               generator: torch.Generator | None, forbidden: tuple[int, ...] = ()) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,), never one of `forbidden`: the argmax at temperature 0, else a draw from
+    softmax(logits / temperature) renormalised over the other ids and filtered (top_k, top_p) after that.
+    The ban follows the division, so that a temperature below 1 cannot push the floor to -inf."""
     if temperature == 0.0:
-        return logits.argmax(-1)  # [B]
-    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)  # [B, V]
+        return forbid(logits, forbidden).argmax(-1)  # [B]
+    probs = filter_logits(forbid(logits / temperature, forbidden), top_k, top_p).softmax(-1)  # [B, V]
     return torch.multinomial(probs, 1, generator=generator)[:, 0]  # [B]
 
 
@@ -103,8 +117,9 @@ def sample(model: Transformer, memory: torch.Tensor, src_mask: torch.Tensor, *, 
     token = torch.full((b, 1), bos_id, dtype=torch.long, device=device)  # [B, 1]
     done = torch.zeros(b, dtype=torch.bool, device=device)  # [B]
     cache = model.init_cache(memory, src_mask, max_new_tokens)
-    return _sample_loop(decode_step, _chooser(temperature, top_k, top_p, generator), 0, out, token, cache, done,
-                        max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=model.cfg.pad_id)
+    choose = _chooser(temperature, top_k, top_p, generator, forbidden_ids(model.cfg, bos_id, eos_id))
+    return _sample_loop(decode_step, choose, 0, out, token, cache, done, max_new_tokens=max_new_tokens,
+                        eos_id=eos_id, pad_id=model.cfg.pad_id)
 
 
 def sample_continuation(model: DecoderOnly, prompt: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
@@ -129,7 +144,7 @@ def sample_continuation(model: DecoderOnly, prompt: torch.Tensor, prompt_mask: t
         logits, cache = model.decode(token, fed, cache, tgt_positions=positions[:, -1:] + steps)  # [B, 1, V]
         return logits[:, -1], cache  # [B, V]
 
-    choose = _chooser(temperature, top_k, top_p, generator)
+    choose = _chooser(temperature, top_k, top_p, generator, forbidden_ids(model.cfg, bos_id, eos_id))
     out = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [B, N]
     out, token, done = _pick(choose, logits, 0, out, torch.zeros(b, dtype=torch.bool, device=device),
                              eos_id=eos_id, pad_id=pad_id)  # token [B, 1]
@@ -145,11 +160,16 @@ def beam_search(model: Transformer, memory: torch.Tensor, src_mask: torch.Tensor
     moves those ending in EOS into a separate pool of K finished ones (scored with the length penalty),
     and keeps the K best others live. It stops when every row's worst finished score beats the best
     score its live hypotheses could still reach (alpha >= 0: log-probabilities only fall, the penalty
-    only grows up to max_new_tokens), or after max_new_tokens. Rows without a finished hypothesis
-    return their best live one.
+    only grows up to max_new_tokens) or no live hypothesis is possible (EOS was the only allowed token),
+    or after max_new_tokens. Rows without a finished hypothesis return their best live one.
+    The forbidden ids' log-probabilities are floored (not renormalised: a hypothesis scores its
+    log-probability under the model, as in fairseq and Hugging Face), so every extension by an allowed
+    token, a dead beam's included, outranks one by a forbidden token; EOS is allowed, so a forbidden
+    token is never returned.
     """
     b, k, n, pad_id = memory.shape[0], beam_size, max_new_tokens, model.cfg.pad_id
     device, vocab = memory.device, model.cfg.tgt_vocab_size
+    forbidden = forbidden_ids(model.cfg, bos_id, eos_id)
     cache = _map_cache(model.init_cache(memory, src_mask, n), lambda x: x.repeat_interleave(k, 0), self_only=False)
     dtype = torch.promote_types(memory.dtype, torch.float32)
     live_tokens = torch.full((b, k, n), pad_id, dtype=torch.long, device=device)  # [B, K, N]
@@ -163,7 +183,8 @@ def beam_search(model: Transformer, memory: torch.Tensor, src_mask: torch.Tensor
     steps, finished = 0, False
     while steps < n and not finished:
         logits, cache = model.decode(token, None, tgt_mask=fed, cache=cache)  # [B*K, 1, V]
-        logp = torch.log_softmax(_at_least_float32(logits[:, -1]), -1).view(b, k, vocab)  # [B, K, V]
+        logp = forbid(torch.log_softmax(_at_least_float32(logits[:, -1]), -1), forbidden)  # [B*K, V]
+        logp = logp.view(b, k, vocab)  # [B, K, V]
         top_logp, top_index = _top_k((live_logp[:, :, None] + logp).view(b, k * vocab), 2 * k)  # [B, 2K]
         parent, chosen = top_index // vocab, top_index % vocab  # [B, 2K]
         seqs = live_tokens.gather(1, parent[:, :, None].expand(-1, -1, n)).clone()  # [B, 2K, N]
@@ -179,7 +200,8 @@ def beam_search(model: Transformer, memory: torch.Tensor, src_mask: torch.Tensor
         cache = _map_cache(cache, lambda x: x.index_select(0, rows), self_only=True)
         token = chosen.gather(1, pick).view(b * k, 1)  # [B*K, 1]
         steps += 1
-        finished = bool((fin_scores[:, -1] > live_logp[:, 0] / length_penalty(n, alpha)).all())
+        dead = live_logp[:, 0] <= NEG_INF / 2  # [B]: no possible hypothesis is live (EOS was all that was left)
+        finished = bool(((fin_scores[:, -1] > live_logp[:, 0] / length_penalty(n, alpha)) | dead).all())
     has_finished = (fin_scores[:, 0] > NEG_INF / 2)[:, None]  # [B, 1]
     return torch.where(has_finished, fin_tokens[:, 0], live_tokens[:, 0])[:, :steps]  # [B, n]
 
@@ -213,9 +235,11 @@ def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _chooser(temperature: float, top_k: int, top_p: float, generator: torch.Generator | None):
+def _chooser(temperature: float, top_k: int, top_p: float, generator: torch.Generator | None,
+             forbidden: tuple[int, ...]):
     """choose(logits (B, V), steps) -> the token ids (B,) of output column `steps` (next_token's rule)."""
-    return lambda logits, steps: next_token(_at_least_float32(logits), temperature, top_k, top_p, generator)
+    return lambda logits, steps: next_token(_at_least_float32(logits), temperature, top_k, top_p, generator,
+                                            forbidden)
 
 
 def _pick(choose, logits: torch.Tensor, steps: int, out: torch.Tensor, done: torch.Tensor, *, eos_id: int,
