@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
+from parity import extras
 from parity.suite import TOLERANCES, TWINS, Check
 
 
@@ -50,6 +51,7 @@ def config_label(cfg) -> str:
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
+    extras.require("twin parity", TWINS, why="it runs both twins")
     _setup_jax(args.device)
     from parity import suite
 
@@ -90,6 +92,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from parity.train import TrainConfig, TrainError, run
 
+    args.framework = extras.framework("twin train", args.framework)
     if args.framework == "jax" and args.device == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     defaults = TrainConfig()
@@ -145,6 +148,7 @@ def _decode_options(args: argparse.Namespace):
 def cmd_translate(args: argparse.Namespace) -> int:
     from parity.translate import TranslateError, Translator, check_writable, plot_attention
 
+    args.framework = extras.framework("twin translate", args.framework)
     try:
         options = _decode_options(args)
         if args.batch_size < 1:
@@ -183,6 +187,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from parity.data import DataError, load_corpus
     from parity.translate import TranslateError, Translator, check_writable, write_file
 
+    args.framework = extras.framework("twin eval", args.framework)
     try:
         options = _decode_options(args)
         for name, value in (("--batch-size", args.batch_size), ("--limit", args.limit)):
@@ -220,6 +225,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_extras(args: argparse.Namespace, dst_container: str) -> None:
+    """MissingExtra when reading SRC, writing DST or --verify needs a framework that is not installed."""
+    from parity.formats import detect
+
+    src_container, path = detect(args.src)
+    if src_container in extras.CONTAINER_EXTRAS:
+        extras.require("twin convert", [extras.CONTAINER_EXTRAS[src_container]], why=f"to read {path}")
+    if dst_container in extras.CONTAINER_EXTRAS:
+        instead = "give DST a .safetensors name" if args.to == "nn-transformer" else "pass --to safetensors"
+        extras.require("twin convert", [extras.CONTAINER_EXTRAS[dst_container]],
+                       why=f"to write --to {args.to} at {args.dst}", instead=instead)
+    if args.verify:
+        extras.require("twin convert", TWINS, why="--verify runs both twins", instead="leave out --verify")
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     import time
 
@@ -230,16 +250,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return_large_frees_to_os()
     start = time.perf_counter()
     try:
-        check_destination(args.dst, args.to, args.force, src=args.src)
+        dst_container, _ = check_destination(args.dst, args.to, args.force, src=args.src)
+        _convert_extras(args, dst_container)
         loaded = read_checkpoint(args.src, config=args.config, allow_nonfinite=args.allow_nonfinite)
         weights = cast(loaded.weights, args.dtype)
         write_checkpoint(args.dst, args.to, loaded.cfg, weights, force=args.force, companions=loaded.companions)
     except (FormatError, ConversionError) as e:
         print(f"twin convert: error: {e}", file=sys.stderr)
-        return 1
-    except ImportError as e:
-        print(f"twin convert: error: this conversion needs {e.name or e}, which is not installed "
-              "(pip install 'twin-transformer[all]')", file=sys.stderr)
         return 1
     print(f"read  {loaded.describe()}")
     print(f"wrote {args.dst} ({args.to}{', ' + args.dtype if args.dtype else ''}) in "
@@ -262,6 +279,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import runpy
     from pathlib import Path
 
+    extras.require("twin bench", TWINS, why="the benchmarks measure both twins")
     chosen = [flag for flag in BENCHES if getattr(args, flag)]
     if len(chosen) > 1:
         raise SystemExit(f"twin bench: choose one of {', '.join('--' + flag for flag in chosen)}")
@@ -278,8 +296,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+FRAMEWORK_HELP = "the framework that runs the model (default: the installed one, torch when both are)"
+
+
 def _add_decoding_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--framework", choices=("torch", "jax"), default="torch")
+    p.add_argument("--framework", choices=extras.FRAMEWORKS, help=FRAMEWORK_HELP)
     p.add_argument("--beam", type=int, default=1, help="beam size (default 1: greedy)")
     p.add_argument("--length-penalty", type=float, default=0.6, help="beam search length penalty alpha (GNMT; "
                    "default 0.6)")
@@ -314,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "encoder as a classifier of labelled texts, the decoder as a language model of texts); the "
                        "run directory holds the canonical checkpoint, the tokenizer, the training state for "
                        "--resume, metrics.jsonl and loss.png. Ctrl-C saves a checkpoint and stops.")
-    t.add_argument("--framework", choices=("torch", "jax"), default="torch")
+    t.add_argument("--framework", choices=extras.FRAMEWORKS, help=FRAMEWORK_HELP)
     t.add_argument("--arch", choices=("seq2seq", "encoder", "decoder"), help="model family (default seq2seq; "
                    "--resume and --init-from keep the checkpoint's)")
     t.add_argument("--data", default="builtin", help="'builtin' (number names: English -> French pairs for "
@@ -454,7 +475,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
-    return args.func(args)
+    try:
+        return args.func(args)
+    except extras.MissingExtra as e:
+        print(e, file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as e:  # a path no check above foresaw: still one line naming the extra
+        extra = extras.extra_of_module(e.name)
+        if extra is None or extras.installed(extra):
+            raise
+        print(extras.MissingExtra(f"twin {args.command}", [extra]), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import numpy as np
 from parity.checkpoint import CONFIG_FILE, CheckpointError, atomic_write_bytes, load_checkpoint
 from parity.config import TransformerConfig
 from parity.decoding import check_decoding_options
+from parity.extras import default_framework
 from parity.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError
 
 FRAMEWORKS = ("torch", "jax")
@@ -166,7 +167,10 @@ class Translator:
         self.cfg, self.tokenizer, self.backend, self.framework = cfg, tokenizer, backend, framework
 
     @classmethod
-    def load(cls, run_dir: str | os.PathLike, framework: str = "torch", device: str = "cpu") -> "Translator":
+    def load(cls, run_dir: str | os.PathLike, framework: str | None = None, device: str = "cpu") -> "Translator":
+        """The run's model in `framework` (None: the installed one, torch when both are)."""
+        if framework is None:
+            framework = default_framework("Translator.load")
         if framework not in FRAMEWORKS:
             raise TranslateError(f"unknown framework {framework!r}; expected one of {', '.join(FRAMEWORKS)}")
         cfg, weights, tokenizer = read_run_dir(run_dir)

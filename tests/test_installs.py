@@ -1,0 +1,166 @@
+"""One-framework installs: `pip install -e '.[torch]'` and `'.[jax]'`, each into a fresh virtualenv, where every
+`twin` subcommand works with the installed framework or exits 1 with one line naming the missing extra
+(scripts/smoke_install.py runs them all); and parity.extras, the checks behind those lines, in this process.
+
+Each virtualenv is built as the README says (torch==2.13.0 first, from the CPU wheel on disk, then the project
+pinned by constraints.txt), without byte-compiling at install time (the imported modules are compiled once, into
+a cache of the test's own), used by one test and removed after it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RUN = ROOT / "tests" / "data" / "tiny_run"
+TORCH_PIN = "torch==2.13.0"  # the Makefile's: the CPU wheel that pip finds on disk
+CLEARED = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONDONTWRITEBYTECODE", "VIRTUAL_ENV")
+
+
+def _run(command: list[str], what: str, timeout: int, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout,
+                            **kwargs)
+    assert result.returncode == 0, (f"{what} failed ({result.returncode}): {' '.join(command)}\n"
+                                    f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def build_venv(venv: Path, framework: str, lock: Path) -> float:
+    """A fresh virtualenv with `pip install -e 'ROOT[framework]'`; returns the seconds it took."""
+    from filelock import FileLock
+
+    start = time.perf_counter()
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], "venv", 120)
+    pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q", "--no-compile"]
+    if framework == "torch":
+        _run([*pip, TORCH_PIN], f"pip install {TORCH_PIN}", 1200)
+    with FileLock(str(lock)):  # the editable build writes ROOT/twin_transformer.egg-info: one build at a time
+        _run([*pip, "-c", str(ROOT / "constraints.txt"), "-e", f"{ROOT}[{framework}]"],
+             f"pip install -e '.[{framework}]'", 1200)
+    return time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def foreign(tmp_path_factory) -> Path:
+    """tests/data/tiny_run as a torch .pt, a flax msgpack and an orbax checkpoint (written here, with both
+    frameworks): the formats a one-framework install must refuse to read, naming the extra."""
+    from parity.formats import read_checkpoint, write_checkpoint
+
+    out = tmp_path_factory.mktemp("foreign")
+    loaded = read_checkpoint(TINY_RUN)
+    for name, target in (("tiny.pt", "torch"), ("tiny.msgpack", "flax"), ("tiny-orbax", "flax")):
+        write_checkpoint(out / name, target, loaded.cfg, loaded.weights)
+    return out
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_one_framework_install(framework, foreign, tmp_path, tmp_path_factory):
+    venv = tmp_path / f"venv-{framework}"
+    try:
+        seconds = build_venv(venv, framework, tmp_path_factory.getbasetemp().parent / "editable-install.lock")
+        env = {k: v for k, v in os.environ.items() if k not in CLEARED}
+        env.update(PATH=f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}", JAX_PLATFORMS="cpu",
+                   PYTHONNOUSERSITE="1", PYTHONPYCACHEPREFIX=str(tmp_path / "pycache"))
+        start = time.perf_counter()
+        result = subprocess.run([str(venv / "bin" / "python"), str(ROOT / "scripts" / "smoke_install.py"),
+                                 "--framework", framework, "--foreign", str(foreign), "--work", str(tmp_path)],
+                                capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env, timeout=1200)
+        print(f"{framework}-only virtualenv built in {seconds:.0f} s, smoke test {time.perf_counter() - start:.0f} s")
+        print(result.stdout)
+        assert result.returncode == 0, f"{result.stdout[-12000:]}\n{result.stderr[-4000:]}"
+        assert f"{framework}-only install: 0 failed checks" in result.stdout
+    finally:
+        start = time.perf_counter()
+        shutil.rmtree(venv, ignore_errors=True)
+        print(f"{framework}-only virtualenv removed in {time.perf_counter() - start:.0f} s")
+
+
+# ------------------------------------------------------------------------ parity.extras in this process
+
+def test_missing_extra_lines():
+    from parity.extras import MissingExtra
+
+    assert str(MissingExtra("twin translate", ["torch"], instead="pass --framework jax")) == (
+        "twin translate: PyTorch is not installed: pip install 'twin-transformer[torch]', or pass --framework jax")
+    assert str(MissingExtra("twin parity", ["jax"], why="it runs both twins")) == (
+        "twin parity: JAX/Flax is not installed (it runs both twins): pip install 'twin-transformer[jax]'")
+    assert str(MissingExtra("twin bench", ["torch", "jax"])) == (
+        "twin bench: PyTorch and JAX/Flax are not installed: pip install 'twin-transformer[torch,jax]'")
+    assert str(MissingExtra("twin eval", ["torch", "jax"], either=True)) == (
+        "twin eval: PyTorch and JAX/Flax are not installed: pip install 'twin-transformer[torch]' or "
+        "'twin-transformer[jax]'")
+
+
+NOT_TORCH = "PyTorch is not installed: pip install 'twin-transformer[torch]'"
+NOT_JAX = "JAX/Flax is not installed: pip install 'twin-transformer[jax]'"
+NEITHER = ("PyTorch and JAX/Flax are not installed: pip install 'twin-transformer[torch]' or "
+           "'twin-transformer[jax]'")
+
+
+@pytest.mark.parametrize("present, expected", [
+    (("torch", "jax"), {None: "torch", "torch": "torch", "jax": "jax"}),
+    (("torch",), {None: "torch", "torch": "torch", "jax": f"{NOT_JAX}, or pass --framework torch"}),
+    (("jax",), {None: "jax", "torch": f"{NOT_TORCH}, or pass --framework jax", "jax": "jax"}),
+    ((), {None: NEITHER, "torch": NOT_TORCH, "jax": NOT_JAX}),
+], ids=["both", "torch-only", "jax-only", "neither"])
+def test_framework_defaults_to_the_installed_one(present, expected, monkeypatch):
+    from parity import extras
+
+    monkeypatch.setattr(extras, "installed", lambda extra: extra in present)
+    for chosen, want in expected.items():
+        if want in extras.FRAMEWORKS:
+            assert extras.framework("twin train", chosen) == want
+        else:
+            with pytest.raises(extras.MissingExtra) as e:
+                extras.framework("twin train", chosen)
+            assert str(e.value) == f"twin train: {want}"
+
+
+def test_installed_asks_finders_without_importing(monkeypatch):
+    from parity import extras
+
+    class Block:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "flax":
+                raise ImportError(f"{name} is blocked in this test")
+
+    assert extras.installed("torch") and extras.installed("jax")
+    monkeypatch.setattr(sys, "meta_path", [Block(), *sys.meta_path])
+    monkeypatch.delitem(sys.modules, "flax", raising=False)
+    assert not extras.installed("jax") and extras.installed("torch")
+    assert extras.missing(["torch", "jax"]) == ["jax"]
+    assert extras.extra_of_module("flax.linen") == "jax" and extras.extra_of_module("numpy") is None
+
+
+def test_cli_names_the_extra_of_an_unforeseen_missing_module(monkeypatch, capsys):
+    from parity import cli, extras
+
+    def needs_flax(args):
+        raise ModuleNotFoundError("No module named 'flax'", name="flax")
+
+    monkeypatch.setattr(cli, "cmd_parity", needs_flax)
+    monkeypatch.setattr(extras, "installed", lambda extra: extra == "torch")
+    assert cli.main(["parity"]) == 1
+    assert capsys.readouterr().err == "twin parity: JAX/Flax is not installed: pip install 'twin-transformer[jax]'\n"
+    monkeypatch.setattr(extras, "installed", lambda extra: True)  # installed, so a real bug: the traceback stays
+    with pytest.raises(ModuleNotFoundError):
+        cli.main(["parity"])
+
+
+def test_extras_are_the_pyproject_extras():
+    from parity import extras
+
+    optional = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for name, extra in extras.EXTRAS.items():
+        assert {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0] for r in optional[name]} == set(extra.modules), name
+        assert all(importlib.util.find_spec(m) for m in extra.modules)  # this test environment has every extra
