@@ -100,12 +100,30 @@ def _prompts(cfg: TransformerConfig, lengths, rng: np.random.Generator, width: i
     return np.where(np.arange(width)[None, :] < np.asarray(lengths)[:, None], ids, cfg.pad_id)  # [B, P]
 
 
+ROW_LENGTHS, ROW_PROMPT_SEED = [4, 0, 2], 13  # the prompts of test_each_row_continues_as_if_alone
+
+
+def _covers(twins: Twins) -> bool:
+    """Whether greedy decoding of ROW_LENGTHS' prompts exercises what test_each_row_continues_as_if_alone is
+    about: row 0 runs to N tokens, rows 1 and 2 stop at EOS at different early steps, and at some step the
+    model's unrestricted argmax is pad or BOS (which `generate` never emits). Read off the textbook loop."""
+    prompt = _prompts(twins.cfg, ROW_LENGTHS, np.random.default_rng(ROW_PROMPT_SEED))
+    runs = [_greedy_by_recomputation(twins.torch, prompt[row, :n].tolist(), N) for row, n in enumerate(ROW_LENGTHS)]
+    (first, _), *rest = runs
+    return (len(first) == N and all(len(t) < N and t[-1] == EOS for t, _ in rest)
+            and len({len(t) for t, _ in rest}) == len(rest) and sum(hits for _, hits in runs) > 0)
+
+
 @pytest.fixture(scope="module")
 def twins() -> Twins:
-    """Seed 55, chosen for coverage, not correctness (the equalities below hold for any seed): greedy decoding
-    of the prompts below runs row 0 to N tokens and stops rows 1 and 2 at EOS after 5 and 1 tokens, and at 5
-    of those steps the model's unrestricted argmax is pad or BOS, which `generate` never emits."""
-    return Twins(CONFIGS[0], "torch", 55)
+    """The first initializer seed whose model covers the behaviour test_each_row_continues_as_if_alone checks
+    (`_covers`); a search, so that a change of initializer picks another seed instead of silently weakening the
+    test. Coverage only: the equalities below hold for any seed."""
+    for seed in range(500):
+        twins = Twins(CONFIGS[0], "torch", seed)
+        if _covers(twins):
+            return twins
+    raise AssertionError("no seed in range(500) covers a full-length row, two early stops and a banned argmax")
 
 
 # ------------------------------------------------------------------------------------------ the KV cache
@@ -176,8 +194,8 @@ def _greedy_by_recomputation(model: torch_tx.DecoderOnly, prompt: list[int], ste
 def test_each_row_continues_as_if_alone(twins, twin):
     """Rows of prompt lengths 4, 0 (unconditional) and 2 give the tokens generating each row alone gives, and
     the textbook loop gives; an explicit src_mask overrides the ids in the padding."""
-    cfg, lengths = twins.cfg, [4, 0, 2]
-    prompt = _prompts(cfg, lengths, np.random.default_rng(13))
+    cfg, lengths = twins.cfg, ROW_LENGTHS
+    prompt = _prompts(cfg, lengths, np.random.default_rng(ROW_PROMPT_SEED))
     twins.torch.train()
     tokens = twins.generate(twin, prompt)
     assert twins.torch.training
