@@ -25,7 +25,8 @@ def test_train_flops_equals_torchs_count_of_a_twin_training_step():
     cfg = TransformerConfig(src_vocab_size=50, tgt_vocab_size=60, d_model=32, num_heads=4, num_encoder_layers=2,
                             num_decoder_layers=1, d_ff=64, dropout=0.0, max_len=16)
     model = torch_tx.Transformer(cfg)
-    src, tgt = torch.randint(1, 50, (3, 7)), torch.randint(1, 60, (3, 5))  # [B, S], [B, T]
+    gen = torch.Generator().manual_seed(0)
+    src, tgt = torch.randint(1, 50, (3, 7), generator=gen), torch.randint(1, 60, (3, 5), generator=gen)  # [B, S], [B, T]
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(src, tgt).sum().backward()
     assert train_flops(cfg, 3, 7, 5) == counter.get_total_flops()

@@ -26,7 +26,7 @@ def test_torch_dropout_is_active_in_train_mode_only():
     a, b = model(src, tgt), model(src, tgt)
     assert not torch.allclose(a, b)
     model.eval()
-    torch.testing.assert_close(model(src, tgt), model(src, tgt), rtol=0, atol=0)
+    torch.testing.assert_close(model(src, tgt), model(src, tgt), rtol=0, atol=0)  # same ops on the same input: bits
 
 
 def test_jax_dropout_draws_from_the_dropout_stream():

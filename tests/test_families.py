@@ -130,7 +130,7 @@ def test_encoder_only_and_decoder_only_reuse_the_transformer_s_stacks():
     state = full.state_dict()
     encoder_only.load_state_dict({k: v for k, v in state.items() if k in encoder_only.state_dict()}, strict=True)
     src = torch.tensor([[3, 4, 5, 0]])
-    torch.testing.assert_close(encoder_only(src), full.encode(src), rtol=0, atol=0)
+    torch.testing.assert_close(encoder_only(src), full.encode(src), rtol=0, atol=0)  # the same modules and ops: bits
     assert type(decoder_only.decoder) is type(full.decoder)
     assert all(not hasattr(layer, "cross_attn") for layer in decoder_only.decoder.layers)
     assert set(decoder_only.state_dict()) < set(state)
