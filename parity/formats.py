@@ -31,7 +31,8 @@ transposed one at a time (`benchmarks/bench_convert.py` measures peak RSS on a 1
 from __future__ import annotations
 
 import contextlib
-import json
+import glob
+import math
 import os
 import re
 import shutil
@@ -43,7 +44,8 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from parity.checkpoint import CONFIG_FILE, CheckpointError, _umask, atomic_write_bytes, read_config
+from parity.checkpoint import (CONFIG_FILE, CheckpointError, WriteError, _umask, atomic_write_bytes, parse_json,
+                               read_config, renamed, temp_prefix)
 from parity.config import TransformerConfig
 from parity.convert import (OUTSIDE_STACKS, ConversionError, aliases, canonical_to_flax, check_canonical,
                             check_ties, contiguous, flax_key_map, flax_to_canonical, from_nn_state_dict,
@@ -62,6 +64,7 @@ ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA")
 ORBAX_CONFIG_KEY = "twin_transformer_config"
 COMPANIONS = ("tokenizer.json",)  # copied from a SRC directory into a DST directory
 _SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+SAFETENSORS_MAX_HEADER = 100_000_000  # bytes: the safetensors library's own limit
 
 
 def return_large_frees_to_os() -> None:
@@ -133,8 +136,13 @@ def _read_head(path: Path, n: int) -> tuple[bytes, int]:
 def detect(path: str | os.PathLike) -> tuple[str, Path]:
     """(container, weights path) of a file or directory; config.json directories resolve to their file."""
     path = Path(path)
-    if not path.exists():
-        raise _fail(path, "no such file or directory")
+    try:
+        exists = path.exists()
+    except OSError as e:  # e.g. a name too long
+        raise _fail(path, f"cannot read ({e.strerror or e})") from None
+    if not exists:
+        raise _fail(path, "a symbolic link that leads nowhere (broken, or a loop)" if path.is_symlink() else
+                    "no such file or directory")
     if path.is_dir():
         if any((path / m).is_file() for m in ORBAX_MARKERS):
             return "orbax", path
@@ -177,33 +185,43 @@ def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     if n > size - 8:
         raise _fail(path, f"safetensors header length {n} bytes is longer than the file ({size} bytes): "
                     "truncated or not safetensors")
+    if n > SAFETENSORS_MAX_HEADER:
+        raise _fail(path, f"safetensors header length {n} bytes is more than the format allows "
+                    f"({SAFETENSORS_MAX_HEADER} bytes)")
     try:
         with open(path, "rb") as f:
             f.seek(8)
-            header = json.loads(f.read(n))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise _fail(path, f"safetensors header is not valid JSON ({_short(e)})") from None
-    if not isinstance(header, dict):
-        raise _fail(path, "safetensors header is not a JSON object")
+            raw = f.read(n)
+    except OSError as e:
+        raise _fail(path, f"cannot read ({e.strerror or e})") from None
+    header = parse_json(raw, f"{path}: safetensors header", error=FormatError)
     data_len = size - 8 - n
     for key, info in header.items():
         if key == "__metadata__":
+            if not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
+                raise _fail(path, "malformed safetensors header: __metadata__ must map names to strings")
             continue
-        try:
-            begin, end = (int(x) for x in info["data_offsets"])
-            dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
-        except (TypeError, KeyError, ValueError):
-            raise _fail(path, f"malformed safetensors header entry for {key!r}") from None
-        if end > data_len or not 0 <= begin <= end:
+        offsets, dtype, shape = (info.get(k) if isinstance(info, dict) else None
+                                 for k in ("data_offsets", "dtype", "shape"))
+        if not (isinstance(offsets, list) and len(offsets) == 2 and _counts(offsets) and isinstance(dtype, str)
+                and isinstance(shape, list) and _counts(shape)):
+            raise _fail(path, f"malformed safetensors header entry for {key!r} (expected dtype, shape and "
+                        "data_offsets [begin, end], non-negative ints)")
+        (begin, end), shape = offsets, tuple(shape)
+        if end > data_len or not begin <= end:
             raise _fail(path, f"truncated: tensor {key!r} needs bytes {begin}..{end} of the data, "
                         f"which has {data_len} bytes")
         if dtype not in _SAFETENSORS_DTYPES:
             raise _unconvertible(path, key, dtype)
-        if int(np.prod(shape)) * np_dtype(_SAFETENSORS_DTYPES[dtype]).itemsize != end - begin:
-            raise _fail(path, f"{key!r}: shape {shape} of {dtype} needs "
-                        f"{int(np.prod(shape)) * np_dtype(_SAFETENSORS_DTYPES[dtype]).itemsize} bytes, "
-                        f"the header gives {end - begin}")
+        needs = math.prod(shape) * np_dtype(_SAFETENSORS_DTYPES[dtype]).itemsize
+        if needs != end - begin:
+            raise _fail(path, f"{key!r}: shape {shape} of {dtype} needs {needs} bytes, the header gives {end - begin}")
     return header, 8 + n
+
+
+def _counts(values: list[Any]) -> bool:
+    """Every value a non-negative int (not a bool, not a float)."""
+    return all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
@@ -215,10 +233,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
     metadata = header.pop("__metadata__", None) or {}
     config = None
     if "config" in metadata:
-        try:
-            config = json.loads(metadata["config"])
-        except (TypeError, ValueError):
-            raise _fail(path, "the config in the safetensors metadata is not valid JSON") from None
+        config = parse_json(metadata["config"], f"{path}: the config in the safetensors metadata", error=FormatError)
     try:
         data = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable arrays, the file never changes
     except OSError as e:
@@ -582,11 +597,49 @@ def _contiguous(weights: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {k: contiguous(to_numpy(v)) for k, v in weights.items()}
 
 
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)|os_error_code='(\d+)'")
+
+
+def _os_error(e: BaseException, path: Path) -> OSError | None:
+    """The OS error (a full disk, ...) that a library reports inside its own exception's message, as an
+    OSError naming `path`; None when the message carries none."""
+    found = _OS_ERROR_CODE.search(str(e))
+    if found is None:
+        return None
+    code = int(found.group(1) or found.group(2))
+    return OSError(code, os.strerror(code), str(path))
+
+
 def _save_safetensors(tmp: Path, arrays: Mapping[str, np.ndarray], cfg: TransformerConfig, names: str) -> None:
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
-    save_file(_contiguous(arrays), str(tmp), metadata={"format": "twin-transformer", "names": names,
-                                                       "config": cfg.to_json()})
+    try:
+        save_file(_contiguous(arrays), str(tmp), metadata={"format": "twin-transformer", "names": names,
+                                                           "config": cfg.to_json()})
+    except SafetensorError as e:
+        error = _os_error(e, tmp)
+        if error is None:
+            raise
+        raise error from e
+
+
+class _Recorded:
+    """A binary file whose failed writes are remembered: torch.save reports them as a RuntimeError
+    ("unexpected pos ...") that no longer says why."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def _save_torch(tmp: Path, arrays: Mapping[str, np.ndarray]) -> None:
@@ -604,7 +657,13 @@ def _save_torch(tmp: Path, arrays: Mapping[str, np.ndarray]) -> None:
                                       if a.dtype.name == "bfloat16" else torch.from_numpy(a))
             out[key] = tensors[id(value)]
     with open(tmp, "wb") as f:
-        torch.save(out, f)
+        recorded = _Recorded(f)
+        try:
+            torch.save(out, recorded)
+        except RuntimeError as e:
+            if recorded.error is None:
+                raise
+            raise OSError(recorded.error.errno, recorded.error.strerror, str(tmp)) from e
 
 
 def _msgpack_length(n: int, codes: tuple[int, int, int]) -> bytes:
@@ -667,8 +726,14 @@ def _save_orbax(tmp: Path, tree: Mapping[str, Any], cfg: TransformerConfig) -> N
             (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
         handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_compression=False, type_handler_registry=registry)
         with ocp.Checkpointer(handler) as checkpointer:
-            checkpointer.save(tmp.resolve(), args=ocp.args.PyTreeSave(tree, save_args=save_args),
-                              custom_metadata={ORBAX_CONFIG_KEY: cfg.to_dict()})
+            try:
+                checkpointer.save(tmp.resolve(), args=ocp.args.PyTreeSave(tree, save_args=save_args),
+                                  custom_metadata={ORBAX_CONFIG_KEY: cfg.to_dict()})
+            except (ValueError, RuntimeError) as e:  # tensorstore's RESOURCE_EXHAUSTED etc.
+                error = _os_error(e, tmp)
+                if error is None:
+                    raise
+                raise error from e
 
 
 def _write_container(tmp: Path, container: str, target: str, cfg: TransformerConfig,
@@ -686,7 +751,7 @@ def _write_container(tmp: Path, container: str, target: str, cfg: TransformerCon
 
 
 def _temp_name(dst: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    fd, name = tempfile.mkstemp(prefix=temp_prefix(dst), suffix=".tmp", dir=dst.parent)
     os.close(fd)
     os.unlink(name)
     return Path(name)
@@ -726,14 +791,19 @@ def check_destination(dst: str | os.PathLike, target: str, force: bool,
     """Refuse early what `write_checkpoint` would refuse at the end: returns `output_layout`."""
     dst = Path(dst)
     layout = output_layout(dst, target)
-    if not dst.parent.is_dir():
-        raise FormatError(f"{dst}: the directory {dst.parent} does not exist")
-    if not os.access(dst.parent, os.W_OK):
-        raise FormatError(f"{dst}: the directory {dst.parent} is not writable")
-    if src is not None and dst.exists() and (Path(src).resolve() == dst.resolve()
-                                            or dst.resolve() in Path(src).resolve().parents):
-        raise FormatError(f"{dst}: is the source (or holds it); write the result somewhere else")
-    if dst.exists() and not force:
+    try:
+        if not dst.parent.is_dir():
+            raise FormatError(f"{dst}: {dst.parent} is a file, not a directory" if dst.parent.exists() else
+                              f"{dst}: the directory {dst.parent} does not exist")
+        if not os.access(dst.parent, os.W_OK):
+            raise FormatError(f"{dst}: the directory {dst.parent} is not writable")
+        exists = dst.exists() or dst.is_symlink()
+        if src is not None and exists and (Path(src).resolve() == dst.resolve()
+                                           or dst.resolve() in Path(src).resolve().parents):
+            raise FormatError(f"{dst}: is the source (or holds it); write the result somewhere else")
+    except OSError as e:  # e.g. a name too long, a symlink loop
+        raise FormatError(str(WriteError(e.errno, e.strerror or str(e), str(dst)))) from None
+    if exists and not force:
         raise FormatError(f"{dst}: exists (pass --force to replace it)")
     return layout
 
@@ -741,7 +811,9 @@ def check_destination(dst: str | os.PathLike, target: str, force: bool,
 def write_checkpoint(dst: str | os.PathLike, target: str, cfg: TransformerConfig,
                      weights: Mapping[str, np.ndarray], force: bool = False,
                      companions: list[Path] | None = None) -> Path:
-    """Write canonical weights as `target` at `dst` (a file by suffix, else a directory), atomically."""
+    """Write canonical weights as `target` at `dst` (a file by suffix, else a directory), atomically. A write
+    that fails (a full disk, ...) is a FormatError "cannot write DST[/FILE]: REASON"; nothing is left behind
+    and an existing `dst` is untouched."""
     dst = Path(dst)
     container, is_file = check_destination(dst, target, force)
     if target == "nn-transformer" and cfg.arch == "decoder":
@@ -749,7 +821,10 @@ def write_checkpoint(dst: str | os.PathLike, target: str, cfg: TransformerConfig
                           "(nn.TransformerEncoder); a decoder-only model has no torch.nn counterpart "
                           "(nn.TransformerDecoder layers always have cross-attention)")
     check_canonical(weights, cfg)
-    tmp = _temp_name(dst)
+    try:
+        tmp = _temp_name(dst)
+    except OSError as e:
+        raise FormatError(str(WriteError(e.errno, e.strerror or str(e), str(dst)))) from None
     try:
         if is_file:
             _write_container(tmp, container, target, cfg, weights)
@@ -766,9 +841,14 @@ def write_checkpoint(dst: str | os.PathLike, target: str, cfg: TransformerConfig
             os.chmod(tmp, 0o777 & ~_umask())
         _fsync_tree(tmp)
         _install(tmp, dst, force)
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
-        raise
+        for leftover in dst.parent.glob(glob.escape(tmp.name) + "*"):  # orbax's own temporary directory
+            _remove(leftover)
+        if not isinstance(e, OSError):
+            raise
+        failed = WriteError(e.errno, e.strerror or str(e), e.filename if e.filename is not None else str(tmp))
+        raise FormatError(str(renamed(failed, tmp, dst))) from e
     return dst
 
 
