@@ -343,9 +343,9 @@ class _DropClosedLoopErrors:
 
 @contextlib.contextmanager
 def quiet_orbax() -> Iterator[None]:
-    """Orbax's absl warnings (about handler choices when saving, about a damaged checkpoint when
-    restoring) off for the block, and `_DropClosedLoopErrors` installed: `twin convert` reports in its
-    own words instead."""
+    """Orbax's absl warnings and errors (about handler choices when saving, about a damaged checkpoint
+    when restoring, the tracebacks its threads log when a write fails before the error is raised) off
+    for the block, and `_DropClosedLoopErrors` installed: `twin convert` reports in its own words instead."""
     import logging
     import sys
 
@@ -353,7 +353,7 @@ def quiet_orbax() -> Iterator[None]:
     level = absl.level
     if not isinstance(sys.unraisablehook, _DropClosedLoopErrors):
         sys.unraisablehook = _DropClosedLoopErrors(sys.unraisablehook)
-    absl.setLevel(logging.ERROR)
+    absl.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
