@@ -31,12 +31,14 @@ transposed one at a time (`benchmarks/bench_convert.py` measures peak RSS on a 1
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import math
 import os
 import re
 import shutil
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -712,28 +714,66 @@ def _save_msgpack(tmp: Path, tree: Mapping[str, Any]) -> None:
         pack(f, tree)
 
 
+def _settled_numpy_handler():
+    """orbax's NumpyHandler, except that a failed save is reported only once every array's write has
+    finished. orbax gathers the tensorstore writes and raises at the first failure (a full disk); the
+    others stay in flight and recreate files under the temporary directory after it has been removed.
+    (`_background_serialize` and `_open_and_write` are orbax's own hooks; where a version has other
+    ones, this is plain NumpyHandler.)"""
+    from orbax.checkpoint import type_handlers
+
+    class SettledNumpyHandler(type_handlers.NumpyHandler):
+        _failures: list[BaseException] | None = None
+
+        async def _open_and_write(self, *args, **kwargs):
+            if self._failures is None:  # not called from _background_serialize: orbax's own behaviour
+                return await super()._open_and_write(*args, **kwargs)
+            try:
+                await super()._open_and_write(*args, **kwargs)
+            except Exception as e:
+                self._failures.append(e)
+
+        async def _background_serialize(self, *args, **kwargs):
+            self._failures = []
+            try:
+                await super()._background_serialize(*args, **kwargs)
+                if self._failures:
+                    raise self._failures[0]
+            finally:
+                self._failures = None
+
+    return SettledNumpyHandler(deepcopy_host_arrays=False)
+
+
 def _save_orbax(tmp: Path, tree: Mapping[str, Any], cfg: TransformerConfig) -> None:
     """Orbax PyTree checkpoint of numpy arrays, written from the arrays themselves (no host copies),
     one zarr array per param in 16 MiB chunks (OCDBT would hold the encoded data until commit),
-    uncompressed (float weights shrink by under 10% and restore 4x slower)."""
+    uncompressed (float weights shrink by under 10% and restore 4x slower). A save that fails or is
+    interrupted returns only when orbax's writer threads have stopped, so nothing writes under `tmp` after."""
     import jax
     import orbax.checkpoint as ocp
     from orbax.checkpoint import type_handlers
 
     save_args = jax.tree_util.tree_map(lambda _: ocp.SaveArgs(chunk_byte_size=16 << 20), tree)
+    before = set(threading.enumerate())
     with quiet_orbax():
-        registry = type_handlers.create_type_handler_registry(
-            (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+        registry = type_handlers.create_type_handler_registry((np.ndarray, _settled_numpy_handler()))
         handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_compression=False, type_handler_registry=registry)
-        with ocp.Checkpointer(handler) as checkpointer:
-            try:
-                checkpointer.save(tmp.resolve(), args=ocp.args.PyTreeSave(tree, save_args=save_args),
-                                  custom_metadata={ORBAX_CONFIG_KEY: cfg.to_dict()})
-            except (ValueError, RuntimeError) as e:  # tensorstore's RESOURCE_EXHAUSTED etc.
-                error = _os_error(e, tmp)
-                if error is None:
-                    raise
-                raise error from e
+        try:
+            with ocp.Checkpointer(handler) as checkpointer:
+                try:
+                    checkpointer.save(tmp.resolve(), args=ocp.args.PyTreeSave(tree, save_args=save_args),
+                                      custom_metadata={ORBAX_CONFIG_KEY: cfg.to_dict()})
+                except (ValueError, RuntimeError) as e:  # tensorstore's RESOURCE_EXHAUSTED etc.
+                    error = _os_error(e, tmp)
+                    if error is None:
+                        raise
+                    raise error from e
+        except BaseException:  # e.g. Ctrl-C while orbax's commit threads still write
+            for thread in set(threading.enumerate()) - before:
+                if type(thread).__module__.startswith("orbax."):
+                    thread.join()
+            raise
 
 
 def _write_container(tmp: Path, container: str, target: str, cfg: TransformerConfig,
@@ -808,12 +848,35 @@ def check_destination(dst: str | os.PathLike, target: str, force: bool,
     return layout
 
 
+def _free_bytes(directory: Path) -> int | None:
+    """Bytes this process may still write under `directory` (root may use the blocks reserved for it);
+    None where the file system reports no sizes (some FUSE and network file systems)."""
+    st = os.statvfs(directory)
+    if st.f_blocks == 0:
+        return None
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+
+
+def _check_space(dst: Path, weights: Mapping[str, np.ndarray]) -> None:
+    """Refuse a write that cannot fit before starting it: the tensors' bytes (tied names once: a lower
+    bound on every container's size) against the free space of DST's file system. Only a lower bound:
+    quotas, other writers and the containers' own overhead are left to the write itself."""
+    needed = sum(np.asarray(a).nbytes for a in {id(a): a for a in weights.values()}.values())
+    try:
+        free = _free_bytes(dst.parent)
+    except OSError:
+        return
+    if free is not None and needed > free:
+        raise FormatError(f"cannot write {dst}: {os.strerror(errno.ENOSPC)} ({needed / 1e6:,.1f} MB of tensors, "
+                          f"{free / 1e6:,.1f} MB free)")
+
+
 def write_checkpoint(dst: str | os.PathLike, target: str, cfg: TransformerConfig,
                      weights: Mapping[str, np.ndarray], force: bool = False,
                      companions: list[Path] | None = None) -> Path:
     """Write canonical weights as `target` at `dst` (a file by suffix, else a directory), atomically. A write
     that fails (a full disk, ...) is a FormatError "cannot write DST[/FILE]: REASON"; nothing is left behind
-    and an existing `dst` is untouched."""
+    and an existing `dst` is untouched. A disk without room for the tensors is refused before writing."""
     dst = Path(dst)
     container, is_file = check_destination(dst, target, force)
     if target == "nn-transformer" and cfg.arch == "decoder":
@@ -821,6 +884,7 @@ def write_checkpoint(dst: str | os.PathLike, target: str, cfg: TransformerConfig
                           "(nn.TransformerEncoder); a decoder-only model has no torch.nn counterpart "
                           "(nn.TransformerDecoder layers always have cross-attention)")
     check_canonical(weights, cfg)
+    _check_space(dst, weights)
     try:
         tmp = _temp_name(dst)
     except OSError as e:

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -446,6 +447,24 @@ def test_a_failed_convert_names_the_file_and_keeps_the_old_one(base_run, tmp_pat
     assert (tmp_path / dst).read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == [dst]
 
 
+def test_ctrl_c_during_an_orbax_save_leaves_nothing_once_its_writers_stop(base_run, tmp_path, monkeypatch):
+    """Ctrl-C reaches the main thread while orbax's commit threads still write: write_checkpoint removes
+    the temporary directory only after they stop, so none of their files turns up later."""
+    from orbax.checkpoint import future
+
+    def interrupted(self, timeout=None):
+        raise KeyboardInterrupt
+
+    loaded = formats.read_checkpoint(base_run)
+    monkeypatch.setattr(future.ChainedFuture, "result", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        formats.write_checkpoint(tmp_path / "out", "flax", loaded.cfg, loaded.weights)
+    for thread in threading.enumerate():  # whatever orbax still runs may write: wait for it, then look
+        if type(thread).__module__.startswith("orbax."):
+            thread.join(timeout=60)
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_failed_write_during_training_is_one_line_naming_the_last_good_checkpoint(base_run, data, tmp_path, capsys,
                                                                                      monkeypatch):
     run_dir = Path(shutil.copytree(base_run, tmp_path / "run"))
@@ -542,19 +561,40 @@ def test_train_on_a_full_disk_stops_with_one_line_and_resumes(tmp_path, data):
         assert [r["step"] for r in read_metrics(out) if r["split"] == "valid"] == [2, 4]
 
 
-@pytest.mark.parametrize("target, dst, named", [
+CONVERT_TARGETS = [  # (--to, DST on the disk, the file a failure mid-write names)
     ("torch", "out.pt", "out.pt"), ("safetensors", "out.safetensors", "out.safetensors"),
     ("safetensors", "out", "out/model.safetensors"), ("nn-transformer", "out.pt", "out.pt"),
     ("flax", "out.msgpack", "out.msgpack"), ("flax", "out", "out"),
-])
-def test_convert_onto_a_full_disk_is_one_line_and_keeps_the_old_file(base_run, tmp_path, target, dst, named):
-    """The disk (64 KiB) holds an old DST but not the converted checkpoint (about 170 KB): --force fails
-    with one line on stderr naming the file (a subprocess: orbax's threads log their tracebacks through
-    Python's last-resort logging handler, which pytest replaces), the old DST is untouched and nothing
-    else is left."""
+]
+
+
+@pytest.mark.parametrize("target, dst, named", CONVERT_TARGETS)
+def test_convert_onto_a_full_disk_is_refused_before_writing(base_run, tmp_path, target, dst, named):
+    """The disk (64 KiB) holds an old DST but not the tensors (about 170 KB): --force is refused before
+    anything is written, one line, the old DST untouched and nothing else left."""
     with tmpfs(tmp_path / "disk", 64 << 10) as disk:
         (disk / dst).write_bytes(b"old")
         result = _twin("convert", base_run, disk / dst, "--to", target, "--force")
+        assert result.returncode == 1 and result.stdout == "" and len(result.stderr.splitlines()) == 1, result.stderr
+        assert result.stderr.startswith(f"twin convert: error: cannot write {disk / dst}: No space left on device (")
+        assert " MB of tensors, " in result.stderr and result.stderr.endswith(" MB free)\n")
+        assert (disk / dst).read_bytes() == b"old" and sorted(os.listdir(disk)) == [dst]
+
+
+NO_SPACE_CHECK = ("import sys; from parity import cli, formats; formats._free_bytes = lambda directory: 1 << 60; "
+                  "sys.exit(cli.main(sys.argv[1:]))")
+
+
+@pytest.mark.parametrize("target, dst, named", CONVERT_TARGETS)
+def test_convert_filling_the_disk_mid_write_is_one_line_and_keeps_the_old_file(base_run, tmp_path, target, dst, named):
+    """The same disk with the free-space check out of the way: the write itself hits ENOSPC. One line on
+    stderr naming the file (a subprocess: orbax's threads log their tracebacks through Python's
+    last-resort logging handler, which pytest replaces), the old DST untouched, nothing else left."""
+    with tmpfs(tmp_path / "disk", 64 << 10) as disk:
+        (disk / dst).write_bytes(b"old")
+        result = subprocess.run([sys.executable, "-c", NO_SPACE_CHECK, "convert", str(base_run), str(disk / dst),
+                                 "--to", target, "--force"], capture_output=True, text=True,
+                                env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
         assert result.returncode == 1 and result.stdout == ""
         assert result.stderr == f"twin convert: error: cannot write {disk / named}: No space left on device\n"
         assert (disk / dst).read_bytes() == b"old" and sorted(os.listdir(disk)) == [dst]
