@@ -184,6 +184,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from parity.checkpoint import CheckpointError, read_json
     from parity.data import DataError, load_corpus
     from parity.translate import TranslateError, Translator, check_writable, write_file
 
@@ -198,11 +199,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         translator = Translator.load(args.run_dir, args.framework, args.device)
         data = args.data
         if data is None:
+            path = Path(args.run_dir) / "train_config.json"
             try:
-                data = json.loads((Path(args.run_dir) / "train_config.json").read_text())["data"]
-            except (OSError, ValueError, KeyError, TypeError):
-                raise TranslateError(f"{args.run_dir}: no readable train_config.json naming the training data; "
-                                     f"pass --data") from None
+                data = read_json(path, "training config").get("data")
+            except CheckpointError as e:
+                raise TranslateError(f"{e}; pass --data") from None
+            if not isinstance(data, str):
+                raise TranslateError(f"{path}: no \"data\" naming the training data; pass --data")
         try:
             corpus = load_corpus(data)
         except DataError as e:

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
 ACTIVATIONS = ("relu", "gelu")
 ARCHS = ("seq2seq", "encoder", "decoder")
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float, not a bool (JSON's true, NaN and Infinity are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class DictFields:
@@ -87,10 +93,10 @@ class TransformerConfig(DictFields):
             raise ValueError(f"d_model must be even for the sinusoidal table, got {self.d_model}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.layer_norm_eps, (int, float)) or not self.layer_norm_eps > 0:
-            raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
+        if not is_number(self.layer_norm_eps) or not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps must be positive and finite, got {self.layer_norm_eps!r}")
         if not 0 <= self.pad_id < min(self.src_vocab_size, self.tgt_vocab_size):
             raise ValueError(f"pad_id ({self.pad_id}) must be a valid id in both vocabularies "
                              f"(sizes {self.src_vocab_size}, {self.tgt_vocab_size})")
@@ -141,6 +147,8 @@ class TransformerConfig(DictFields):
     def from_json(cls, text: str) -> "TransformerConfig":
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"config is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ValueError("config is not usable JSON (nested too deeply)") from None
+        except ValueError as e:  # JSONDecodeError, or an integer of more than 4300 digits
+            raise ValueError(f"config is not valid JSON: {str(e).split(';')[0]}") from None
         return cls.from_dict(data)

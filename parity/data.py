@@ -22,12 +22,13 @@ the encoder's classifier, (text,) for the decoder's language model. Nothing here
 from __future__ import annotations
 
 import hashlib
-import json
 import lzma
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+from parity.checkpoint import parse_json
 
 NUMBERS_FILE = Path(__file__).resolve().parent / "data" / "numbers_en_fr.tsv.xz"
 BUILTIN = "builtin"
@@ -89,9 +90,13 @@ def load_corpus(data: str | os.PathLike, *, limit: int | None = None, arch: str 
         corpus = _builtin(arch)
     else:
         path = Path(data)
-        if path.is_dir():
+        try:
+            is_dir, is_file = path.is_dir(), path.is_file()
+        except OSError as e:  # e.g. a name too long
+            raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+        if is_dir:
             corpus = Corpus(str(path), *(_read_split(path, name, arch) for name in SPLITS), arch=arch)
-        elif path.is_file():
+        elif is_file:
             corpus = _split_by_hash(str(path), read_examples(path, FIELDS[arch]), arch)
         else:
             formats = "/".join(EXTENSIONS[arch])
@@ -171,7 +176,8 @@ def read_examples(path: str | os.PathLike, fields: tuple[str, ...]) -> list[Exam
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        example = _parse_jsonl(line, fields) if jsonl else _parse_line(line, fields)
+        example = (_parse_row(parse_json(line, f"{path}:{number}", error=DataError, expect=None), fields) if jsonl
+                   else _parse_line(line, fields))
         if isinstance(example, str):
             raise DataError(f"{path}:{number}: {example}")
         examples.append(example)
@@ -188,11 +194,8 @@ def _parse_line(line: str, fields: tuple[str, ...]) -> Example | str:
     return _checked([v.strip() for v in values], fields)
 
 
-def _parse_jsonl(line: str, fields: tuple[str, ...]) -> Example | str:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        return f"not valid JSON ({e.msg})"
+def _parse_row(row: Any, fields: tuple[str, ...]) -> Example | str:
+    """The example of one parsed JSONL line, or what is wrong with it."""
     quoted = [f'"{f}"' for f in fields]
     if not isinstance(row, dict) or set(row) != set(fields):
         keys = " and ".join(quoted)

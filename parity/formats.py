@@ -31,11 +31,14 @@ transposed one at a time (`benchmarks/bench_convert.py` measures peak RSS on a 1
 from __future__ import annotations
 
 import contextlib
-import json
+import errno
+import glob
+import math
 import os
 import re
 import shutil
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +46,8 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from parity.checkpoint import CONFIG_FILE, CheckpointError, _umask, atomic_write_bytes, read_config
+from parity.checkpoint import (CONFIG_FILE, CheckpointError, WriteError, _umask, atomic_write_bytes, parse_json,
+                               read_config, renamed, temp_prefix)
 from parity.config import TransformerConfig
 from parity.convert import (OUTSIDE_STACKS, ConversionError, aliases, canonical_to_flax, check_canonical,
                             check_ties, contiguous, flax_key_map, flax_to_canonical, from_nn_state_dict,
@@ -62,6 +66,7 @@ ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA")
 ORBAX_CONFIG_KEY = "twin_transformer_config"
 COMPANIONS = ("tokenizer.json",)  # copied from a SRC directory into a DST directory
 _SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+SAFETENSORS_MAX_HEADER = 100_000_000  # bytes: the safetensors library's own limit
 
 
 def return_large_frees_to_os() -> None:
@@ -133,8 +138,13 @@ def _read_head(path: Path, n: int) -> tuple[bytes, int]:
 def detect(path: str | os.PathLike) -> tuple[str, Path]:
     """(container, weights path) of a file or directory; config.json directories resolve to their file."""
     path = Path(path)
-    if not path.exists():
-        raise _fail(path, "no such file or directory")
+    try:
+        exists = path.exists()
+    except OSError as e:  # e.g. a name too long
+        raise _fail(path, f"cannot read ({e.strerror or e})") from None
+    if not exists:
+        raise _fail(path, "a symbolic link that leads nowhere (broken, or a loop)" if path.is_symlink() else
+                    "no such file or directory")
     if path.is_dir():
         if any((path / m).is_file() for m in ORBAX_MARKERS):
             return "orbax", path
@@ -177,33 +187,43 @@ def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     if n > size - 8:
         raise _fail(path, f"safetensors header length {n} bytes is longer than the file ({size} bytes): "
                     "truncated or not safetensors")
+    if n > SAFETENSORS_MAX_HEADER:
+        raise _fail(path, f"safetensors header length {n} bytes is more than the format allows "
+                    f"({SAFETENSORS_MAX_HEADER} bytes)")
     try:
         with open(path, "rb") as f:
             f.seek(8)
-            header = json.loads(f.read(n))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise _fail(path, f"safetensors header is not valid JSON ({_short(e)})") from None
-    if not isinstance(header, dict):
-        raise _fail(path, "safetensors header is not a JSON object")
+            raw = f.read(n)
+    except OSError as e:
+        raise _fail(path, f"cannot read ({e.strerror or e})") from None
+    header = parse_json(raw, f"{path}: safetensors header", error=FormatError)
     data_len = size - 8 - n
     for key, info in header.items():
         if key == "__metadata__":
+            if not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
+                raise _fail(path, "malformed safetensors header: __metadata__ must map names to strings")
             continue
-        try:
-            begin, end = (int(x) for x in info["data_offsets"])
-            dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
-        except (TypeError, KeyError, ValueError):
-            raise _fail(path, f"malformed safetensors header entry for {key!r}") from None
-        if end > data_len or not 0 <= begin <= end:
+        offsets, dtype, shape = (info.get(k) if isinstance(info, dict) else None
+                                 for k in ("data_offsets", "dtype", "shape"))
+        if not (isinstance(offsets, list) and len(offsets) == 2 and _counts(offsets) and isinstance(dtype, str)
+                and isinstance(shape, list) and _counts(shape)):
+            raise _fail(path, f"malformed safetensors header entry for {key!r} (expected dtype, shape and "
+                        "data_offsets [begin, end], non-negative ints)")
+        (begin, end), shape = offsets, tuple(shape)
+        if end > data_len or not begin <= end:
             raise _fail(path, f"truncated: tensor {key!r} needs bytes {begin}..{end} of the data, "
                         f"which has {data_len} bytes")
         if dtype not in _SAFETENSORS_DTYPES:
             raise _unconvertible(path, key, dtype)
-        if int(np.prod(shape)) * np_dtype(_SAFETENSORS_DTYPES[dtype]).itemsize != end - begin:
-            raise _fail(path, f"{key!r}: shape {shape} of {dtype} needs "
-                        f"{int(np.prod(shape)) * np_dtype(_SAFETENSORS_DTYPES[dtype]).itemsize} bytes, "
-                        f"the header gives {end - begin}")
+        needs = math.prod(shape) * np_dtype(_SAFETENSORS_DTYPES[dtype]).itemsize
+        if needs != end - begin:
+            raise _fail(path, f"{key!r}: shape {shape} of {dtype} needs {needs} bytes, the header gives {end - begin}")
     return header, 8 + n
+
+
+def _counts(values: list[Any]) -> bool:
+    """Every value a non-negative int (not a bool, not a float)."""
+    return all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
@@ -215,10 +235,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
     metadata = header.pop("__metadata__", None) or {}
     config = None
     if "config" in metadata:
-        try:
-            config = json.loads(metadata["config"])
-        except (TypeError, ValueError):
-            raise _fail(path, "the config in the safetensors metadata is not valid JSON") from None
+        config = parse_json(metadata["config"], f"{path}: the config in the safetensors metadata", error=FormatError)
     try:
         data = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable arrays, the file never changes
     except OSError as e:
@@ -328,9 +345,9 @@ class _DropClosedLoopErrors:
 
 @contextlib.contextmanager
 def quiet_orbax() -> Iterator[None]:
-    """Orbax's absl warnings (about handler choices when saving, about a damaged checkpoint when
-    restoring) off for the block, and `_DropClosedLoopErrors` installed: `twin convert` reports in its
-    own words instead."""
+    """Orbax's absl warnings and errors (about handler choices when saving, about a damaged checkpoint
+    when restoring, the tracebacks its threads log when a write fails before the error is raised) off
+    for the block, and `_DropClosedLoopErrors` installed: `twin convert` reports in its own words instead."""
     import logging
     import sys
 
@@ -338,7 +355,7 @@ def quiet_orbax() -> Iterator[None]:
     level = absl.level
     if not isinstance(sys.unraisablehook, _DropClosedLoopErrors):
         sys.unraisablehook = _DropClosedLoopErrors(sys.unraisablehook)
-    absl.setLevel(logging.ERROR)
+    absl.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
@@ -582,11 +599,49 @@ def _contiguous(weights: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {k: contiguous(to_numpy(v)) for k, v in weights.items()}
 
 
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)|os_error_code='(\d+)'")
+
+
+def _os_error(e: BaseException, path: Path) -> OSError | None:
+    """The OS error (a full disk, ...) that a library reports inside its own exception's message, as an
+    OSError naming `path`; None when the message carries none."""
+    found = _OS_ERROR_CODE.search(str(e))
+    if found is None:
+        return None
+    code = int(found.group(1) or found.group(2))
+    return OSError(code, os.strerror(code), str(path))
+
+
 def _save_safetensors(tmp: Path, arrays: Mapping[str, np.ndarray], cfg: TransformerConfig, names: str) -> None:
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
-    save_file(_contiguous(arrays), str(tmp), metadata={"format": "twin-transformer", "names": names,
-                                                       "config": cfg.to_json()})
+    try:
+        save_file(_contiguous(arrays), str(tmp), metadata={"format": "twin-transformer", "names": names,
+                                                           "config": cfg.to_json()})
+    except SafetensorError as e:
+        error = _os_error(e, tmp)
+        if error is None:
+            raise
+        raise error from e
+
+
+class _Recorded:
+    """A binary file whose failed writes are remembered: torch.save reports them as a RuntimeError
+    ("unexpected pos ...") that no longer says why."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def _save_torch(tmp: Path, arrays: Mapping[str, np.ndarray]) -> None:
@@ -604,7 +659,13 @@ def _save_torch(tmp: Path, arrays: Mapping[str, np.ndarray]) -> None:
                                       if a.dtype.name == "bfloat16" else torch.from_numpy(a))
             out[key] = tensors[id(value)]
     with open(tmp, "wb") as f:
-        torch.save(out, f)
+        recorded = _Recorded(f)
+        try:
+            torch.save(out, recorded)
+        except RuntimeError as e:
+            if recorded.error is None:
+                raise
+            raise OSError(recorded.error.errno, recorded.error.strerror, str(tmp)) from e
 
 
 def _msgpack_length(n: int, codes: tuple[int, int, int]) -> bytes:
@@ -653,22 +714,66 @@ def _save_msgpack(tmp: Path, tree: Mapping[str, Any]) -> None:
         pack(f, tree)
 
 
+def _settled_numpy_handler():
+    """orbax's NumpyHandler, except that a failed save is reported only once every array's write has
+    finished. orbax gathers the tensorstore writes and raises at the first failure (a full disk); the
+    others stay in flight and recreate files under the temporary directory after it has been removed.
+    (`_background_serialize` and `_open_and_write` are orbax's own hooks; where a version has other
+    ones, this is plain NumpyHandler.)"""
+    from orbax.checkpoint import type_handlers
+
+    class SettledNumpyHandler(type_handlers.NumpyHandler):
+        _failures: list[BaseException] | None = None
+
+        async def _open_and_write(self, *args, **kwargs):
+            if self._failures is None:  # not called from _background_serialize: orbax's own behaviour
+                return await super()._open_and_write(*args, **kwargs)
+            try:
+                await super()._open_and_write(*args, **kwargs)
+            except Exception as e:
+                self._failures.append(e)
+
+        async def _background_serialize(self, *args, **kwargs):
+            self._failures = []
+            try:
+                await super()._background_serialize(*args, **kwargs)
+                if self._failures:
+                    raise self._failures[0]
+            finally:
+                self._failures = None
+
+    return SettledNumpyHandler(deepcopy_host_arrays=False)
+
+
 def _save_orbax(tmp: Path, tree: Mapping[str, Any], cfg: TransformerConfig) -> None:
     """Orbax PyTree checkpoint of numpy arrays, written from the arrays themselves (no host copies),
     one zarr array per param in 16 MiB chunks (OCDBT would hold the encoded data until commit),
-    uncompressed (float weights shrink by under 10% and restore 4x slower)."""
+    uncompressed (float weights shrink by under 10% and restore 4x slower). A save that fails or is
+    interrupted returns only when orbax's writer threads have stopped, so nothing writes under `tmp` after."""
     import jax
     import orbax.checkpoint as ocp
     from orbax.checkpoint import type_handlers
 
     save_args = jax.tree_util.tree_map(lambda _: ocp.SaveArgs(chunk_byte_size=16 << 20), tree)
+    before = set(threading.enumerate())
     with quiet_orbax():
-        registry = type_handlers.create_type_handler_registry(
-            (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+        registry = type_handlers.create_type_handler_registry((np.ndarray, _settled_numpy_handler()))
         handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_compression=False, type_handler_registry=registry)
-        with ocp.Checkpointer(handler) as checkpointer:
-            checkpointer.save(tmp.resolve(), args=ocp.args.PyTreeSave(tree, save_args=save_args),
-                              custom_metadata={ORBAX_CONFIG_KEY: cfg.to_dict()})
+        try:
+            with ocp.Checkpointer(handler) as checkpointer:
+                try:
+                    checkpointer.save(tmp.resolve(), args=ocp.args.PyTreeSave(tree, save_args=save_args),
+                                      custom_metadata={ORBAX_CONFIG_KEY: cfg.to_dict()})
+                except (ValueError, RuntimeError) as e:  # tensorstore's RESOURCE_EXHAUSTED etc.
+                    error = _os_error(e, tmp)
+                    if error is None:
+                        raise
+                    raise error from e
+        except BaseException:  # e.g. Ctrl-C while orbax's commit threads still write
+            for thread in set(threading.enumerate()) - before:
+                if type(thread).__module__.startswith("orbax."):
+                    thread.join()
+            raise
 
 
 def _write_container(tmp: Path, container: str, target: str, cfg: TransformerConfig,
@@ -686,7 +791,7 @@ def _write_container(tmp: Path, container: str, target: str, cfg: TransformerCon
 
 
 def _temp_name(dst: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    fd, name = tempfile.mkstemp(prefix=temp_prefix(dst), suffix=".tmp", dir=dst.parent)
     os.close(fd)
     os.unlink(name)
     return Path(name)
@@ -726,22 +831,52 @@ def check_destination(dst: str | os.PathLike, target: str, force: bool,
     """Refuse early what `write_checkpoint` would refuse at the end: returns `output_layout`."""
     dst = Path(dst)
     layout = output_layout(dst, target)
-    if not dst.parent.is_dir():
-        raise FormatError(f"{dst}: the directory {dst.parent} does not exist")
-    if not os.access(dst.parent, os.W_OK):
-        raise FormatError(f"{dst}: the directory {dst.parent} is not writable")
-    if src is not None and dst.exists() and (Path(src).resolve() == dst.resolve()
-                                            or dst.resolve() in Path(src).resolve().parents):
-        raise FormatError(f"{dst}: is the source (or holds it); write the result somewhere else")
-    if dst.exists() and not force:
+    try:
+        if not dst.parent.is_dir():
+            raise FormatError(f"{dst}: {dst.parent} is a file, not a directory" if dst.parent.exists() else
+                              f"{dst}: the directory {dst.parent} does not exist")
+        if not os.access(dst.parent, os.W_OK):
+            raise FormatError(f"{dst}: the directory {dst.parent} is not writable")
+        exists = dst.exists() or dst.is_symlink()
+        if src is not None and exists and (Path(src).resolve() == dst.resolve()
+                                           or dst.resolve() in Path(src).resolve().parents):
+            raise FormatError(f"{dst}: is the source (or holds it); write the result somewhere else")
+    except OSError as e:  # e.g. a name too long, a symlink loop
+        raise FormatError(str(WriteError(e.errno, e.strerror or str(e), str(dst)))) from None
+    if exists and not force:
         raise FormatError(f"{dst}: exists (pass --force to replace it)")
     return layout
+
+
+def _free_bytes(directory: Path) -> int | None:
+    """Bytes this process may still write under `directory` (root may use the blocks reserved for it);
+    None where the file system reports no sizes (some FUSE and network file systems)."""
+    st = os.statvfs(directory)
+    if st.f_blocks == 0:
+        return None
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+
+
+def _check_space(dst: Path, weights: Mapping[str, np.ndarray]) -> None:
+    """Refuse a write that cannot fit before starting it: the tensors' bytes (tied names once: a lower
+    bound on every container's size) against the free space of DST's file system. Only a lower bound:
+    quotas, other writers and the containers' own overhead are left to the write itself."""
+    needed = sum(np.asarray(a).nbytes for a in {id(a): a for a in weights.values()}.values())
+    try:
+        free = _free_bytes(dst.parent)
+    except OSError:
+        return
+    if free is not None and needed > free:
+        raise FormatError(f"cannot write {dst}: {os.strerror(errno.ENOSPC)} ({needed / 1e6:,.1f} MB of tensors, "
+                          f"{free / 1e6:,.1f} MB free)")
 
 
 def write_checkpoint(dst: str | os.PathLike, target: str, cfg: TransformerConfig,
                      weights: Mapping[str, np.ndarray], force: bool = False,
                      companions: list[Path] | None = None) -> Path:
-    """Write canonical weights as `target` at `dst` (a file by suffix, else a directory), atomically."""
+    """Write canonical weights as `target` at `dst` (a file by suffix, else a directory), atomically. A write
+    that fails (a full disk, ...) is a FormatError "cannot write DST[/FILE]: REASON"; nothing is left behind
+    and an existing `dst` is untouched. A disk without room for the tensors is refused before writing."""
     dst = Path(dst)
     container, is_file = check_destination(dst, target, force)
     if target == "nn-transformer" and cfg.arch == "decoder":
@@ -749,7 +884,11 @@ def write_checkpoint(dst: str | os.PathLike, target: str, cfg: TransformerConfig
                           "(nn.TransformerEncoder); a decoder-only model has no torch.nn counterpart "
                           "(nn.TransformerDecoder layers always have cross-attention)")
     check_canonical(weights, cfg)
-    tmp = _temp_name(dst)
+    _check_space(dst, weights)
+    try:
+        tmp = _temp_name(dst)
+    except OSError as e:
+        raise FormatError(str(WriteError(e.errno, e.strerror or str(e), str(dst)))) from None
     try:
         if is_file:
             _write_container(tmp, container, target, cfg, weights)
@@ -766,9 +905,14 @@ def write_checkpoint(dst: str | os.PathLike, target: str, cfg: TransformerConfig
             os.chmod(tmp, 0o777 & ~_umask())
         _fsync_tree(tmp)
         _install(tmp, dst, force)
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
-        raise
+        for leftover in dst.parent.glob(glob.escape(tmp.name) + "*"):  # orbax's own temporary directory
+            _remove(leftover)
+        if not isinstance(e, OSError):
+            raise
+        failed = WriteError(e.errno, e.strerror or str(e), e.filename if e.filename is not None else str(tmp))
+        raise FormatError(str(renamed(failed, tmp, dst))) from e
     return dst
 
 

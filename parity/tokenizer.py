@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from parity.checkpoint import atomic_write_bytes
+from parity.checkpoint import atomic_write_bytes, read_bytes
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
@@ -81,12 +81,16 @@ class Tokenizer:
         path = Path(path)
         if path.is_dir():
             path = path / TOKENIZER_FILE
+        data = read_bytes(path, "tokenizer", error=TokenizerError)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        try:
             return cls(HFTokenizer.from_str(text))
-        except (OSError, UnicodeDecodeError) as e:
-            raise TokenizerError(f"{path}: cannot read tokenizer ({getattr(e, 'strerror', None) or e})") from None
-        except Exception as e:  # tokenizers raises its own Exception subclass for malformed JSON
+        except TokenizerError as e:
+            raise TokenizerError(f"{path}: {e}") from None
+        except Exception as e:  # tokenizers' own Exception for malformed (or over 128 levels deep) JSON
             raise TokenizerError(f"{path}: not a tokenizers JSON file ({e})") from None
 
 

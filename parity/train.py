@@ -16,8 +16,11 @@ run directory holds:
                                       canonical names, RNG state), trainer_state.json (step, data
                                       position, fingerprints); the last `keep` are kept
 
-Checkpoint directories appear whole (written under a temporary name, fsynced, renamed). Adam
-moments are stored in canonical layout, so a run saved by one framework resumes in the other.
+Checkpoint directories appear whole (written under a temporary name, fsynced, renamed); every other
+file is replaced atomically, and metrics.jsonl is appended a whole record or none. A write that fails
+(a full disk, a read-only file system) stops the run with one line naming the file and the last good
+checkpoint, which `--resume` continues from; nothing half-written is left behind. Adam moments are
+stored in canonical layout, so a run saved by one framework resumes in the other.
 """
 
 from __future__ import annotations
@@ -39,9 +42,10 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from parity.batching import Batcher, Position
-from parity.checkpoint import (CONFIG_FILE, CheckpointError, atomic_write_bytes, load_checkpoint,
-                               load_config, save_checkpoint)
-from parity.config import ARCHS, DictFields, TransformerConfig
+from parity.checkpoint import (CONFIG_FILE, CheckpointError, WriteError, _umask, append_bytes, atomic_write_bytes,
+                               json_type, load_checkpoint, load_config, parse_json, read_bytes, read_json, renamed,
+                               save_checkpoint, temp_prefix, writing)
+from parity.config import ARCHS, DictFields, TransformerConfig, is_number
 from parity.convert import ConversionError, check_canonical
 from parity.data import Corpus, DataError, Example, load_corpus
 from parity.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError, train_tokenizer
@@ -98,6 +102,18 @@ class TrainConfig(DictFields):
     pack: bool = False
 
     def __post_init__(self) -> None:
+        ints = ("steps", "max_tokens", "warmup_steps", "seed", "vocab_size", "bucket_step", "log_every", "eval_every",
+                "save_every", "keep")
+        for name in ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+        for name in ("lr_factor", "label_smoothing", "clip_norm", "adam_eps"):
+            if not is_number(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        if (not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2
+                or not all(is_number(b) and 0.0 <= b < 1.0 for b in self.betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         rules = {**dict.fromkeys(("steps", "max_tokens", "warmup_steps", "vocab_size", "bucket_step", "log_every",
                                   "eval_every", "save_every", "keep"), (lambda v: v >= 1, "at least 1")),
                  **dict.fromkeys(("lr_factor", "clip_norm", "adam_eps"), (lambda v: v > 0, "positive")),
@@ -139,12 +155,11 @@ def model_config(spec: str | TransformerConfig, vocab_size: int, arch: str = "se
         fields = dict(PRESETS[spec])
     else:
         try:
-            fields = json.loads(Path(spec).read_text())
+            data = Path(spec).read_bytes()
         except OSError as e:
             raise TrainError(f"--config {spec}: not a preset ({', '.join(PRESETS)}) and not readable "
                              f"({e.strerror or e})") from None
-        except json.JSONDecodeError as e:
-            raise TrainError(f"--config {spec}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        fields = parse_json(data, f"--config {spec}", error=TrainError)
     for key in ("src_vocab_size", "tgt_vocab_size"):
         if fields.get(key, vocab_size) != vocab_size:
             raise TrainError(f"vocabulary mismatch: the config's {key} is {fields[key]}, the tokenizer has "
@@ -177,6 +192,18 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
+def saved_train_config(path: Path, steps: int) -> TrainConfig:
+    """The TrainConfig of a run's train_config.json (its "train" object), with `steps` (a resumed run may
+    train longer); CheckpointError naming the file and field."""
+    train = read_json(path, "training config").get("train")
+    if not isinstance(train, dict):
+        raise CheckpointError(f"{path}: \"train\" must be a JSON object of training settings, got {json_type(train)}")
+    try:
+        return TrainConfig.from_dict({"bucket_sides": "separate", **train, "steps": steps})
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: \"train\": {e}") from None
+
+
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     """Complete checkpoint directories, oldest first."""
     root = Path(run_dir) / CHECKPOINTS
@@ -187,25 +214,35 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 
 def save_training_checkpoint(run_dir: Path, cfg: TransformerConfig, state: TrainState, meta: Mapping[str, Any],
                              keep: int) -> Path:
-    """Write checkpoints/step_N whole (temp dir, fsync, rename), refresh the top-level weights, prune to `keep`."""
+    """Write checkpoints/step_N whole (temp dir, fsync, rename), refresh the top-level weights, prune to `keep`.
+
+    A failed write is a WriteError naming the file by its final name (checkpoints/step_N/...); the
+    temporary directory is removed and the earlier checkpoints are untouched."""
     from safetensors.numpy import save
 
     root = run_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{state.step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+    with writing(final):
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final), suffix=".tmp", dir=root))
     try:
+        with writing(final):
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the run's other directories honour the umask
         save_checkpoint(tmp, cfg, state.weights)
         arrays = {f"{moment}.{k}": np.ascontiguousarray(v) for moment in MOMENTS
                   for k, v in getattr(state, moment).items()}
         arrays.update({f"rng.{k}": np.ascontiguousarray(v) for k, v in state.rng.items()})
         atomic_write_bytes(tmp / OPTIMIZER_FILE, save(arrays))
         _write_json(tmp / STATE_FILE, {**meta, "step": state.step})
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
+        with writing(final):
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(root)
+    except WriteError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise renamed(e, tmp, final) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -216,34 +253,82 @@ def save_training_checkpoint(run_dir: Path, cfg: TransformerConfig, state: Train
 
 
 def load_training_checkpoint(step_dir: Path, cfg: TransformerConfig) -> tuple[TrainState, dict[str, Any]]:
-    """TrainState and trainer_state.json of a checkpoint directory; every key and shape checked."""
+    """TrainState and trainer_state.json of a checkpoint directory; every file, key, shape and field checked
+    (CheckpointError naming the file)."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     ckpt_cfg, weights = load_checkpoint(step_dir)
     if ckpt_cfg != cfg:
         raise CheckpointError(f"{step_dir}: its config differs from the run's {CONFIG_FILE}")
+    meta = read_json(step_dir / STATE_FILE, "training state")
+    _check_state(meta, step_dir / STATE_FILE)
     path = step_dir / OPTIMIZER_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {'is a directory, not' if path.is_dir() else 'no such file, need'} the "
+                              "optimizer state (Adam moments)")
     try:
         arrays = load_file(str(path))
-        meta = json.loads((step_dir / STATE_FILE).read_text())
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{step_dir}: unreadable training state ({e})") from None
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: unreadable optimizer state ({e})") from None
     moments = {m: {k[len(m) + 1:]: v for k, v in arrays.items() if k.startswith(m + ".")} for m in MOMENTS}
     try:
         for m in MOMENTS:
             check_canonical(moments[m], cfg)
     except ConversionError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    for m in MOMENTS:
+        for k, v in moments[m].items():
+            if v.dtype.kind != "f":
+                raise CheckpointError(f"{path}: '{m}.{k}' has dtype {v.dtype}, expected a float dtype")
     rng = {k[4:]: v for k, v in arrays.items() if k.startswith("rng.")}
-    return TrainState(int(meta["step"]), weights, moments["exp_avg"], moments["exp_avg_sq"], rng), meta
+    return TrainState(meta["step"], weights, moments["exp_avg"], moments["exp_avg_sq"], rng), meta
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_state(meta: dict[str, Any], path: Path) -> None:
+    """The fields of trainer_state.json that resume uses: step and position (counts), the fingerprints (strings)."""
+    if not _is_count(meta.get("step")):
+        raise CheckpointError(f"{path}: \"step\" must be a non-negative int, got {meta.get('step')!r}")
+    position = meta.get("position")
+    if not (isinstance(position, list) and len(position) == 2 and all(map(_is_count, position))):
+        raise CheckpointError(f"{path}: \"position\" must be [epoch, index], two non-negative ints, got {position!r}")
+    for key in ("tokenizer", "data"):
+        if not isinstance(meta.get(key), str):
+            raise CheckpointError(f"{path}: \"{key}\" must be a string (a SHA-256 fingerprint), got "
+                                  f"{meta.get(key)!r}")
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl (none when it is missing); CheckpointError naming the file and line of a
+    malformed one. A last line without its newline that does not parse (a write cut off by a crash) is left
+    out: `--resume` rewrites the file."""
     path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = read_bytes(path, "metrics").split(b"\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = parse_json(line, where)
+        except CheckpointError:
+            if number == len(lines):
+                break
+            raise
+        if not (_is_count(record.get("step")) and isinstance(record.get("split"), str)):
+            raise CheckpointError(f"{where}: expected a record with \"step\" (an int) and \"split\" (a string)")
+        values = [record.get(k) for k in ("loss", "nll")]  # a diverged validation loss may be Infinity
+        if record["split"] in ("train", "valid") and not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise CheckpointError(f"{where}: a {record['split']} record needs numbers \"loss\" and \"nll\"")
+        records.append(record)
+    return records
 
 
 def plot_losses(run_dir: Path, records: list[dict[str, Any]]) -> None:
@@ -433,6 +518,11 @@ def _check_writable(out: Path) -> None:
 def _prepare_run_dir(out: Path, resume: bool, writer: bool = True) -> Path | None:
     """The checkpoint to resume from (None for a new run); refuses to overwrite an existing run. Only the
     `writer` (process 0) checks and creates `out`; the others only read it when they resume."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise TrainError(f"--out {out}: is a file, not a run directory")
+    except OSError as e:
+        raise TrainError(f"cannot write to output directory {out}: {e.strerror or e}") from None
     if resume:
         found = checkpoint_dirs(out)
         if not found:
@@ -576,6 +666,8 @@ def run(framework: str, data: str, out: str | os.PathLike, *, model: str | Trans
         return _run(Trainer, context, framework, data, out, model=model, tcfg=tcfg, resume=resume,
                     init_from=init_from, dtype=dtype, device=device, limit=limit, show=show, test_limit=test_limit,
                     progress=progress, dropout=dropout, arch=arch, echo=echo)
+    except WriteError as e:
+        raise TrainError(str(e)) from None
     finally:
         if context is not None:
             context.close()
@@ -600,8 +692,7 @@ def _run(Trainer, context, framework: str, data: str, out: Path, *, model: str |
     try:
         if resume_from is not None:
             tokenizer, spec = Tokenizer.load(out / TOKENIZER_FILE), load_config(out)
-            saved = json.loads((out / TRAIN_CONFIG_FILE).read_text())
-            tcfg = TrainConfig.from_dict({"bucket_sides": "separate", **saved["train"], "steps": tcfg.steps})
+            tcfg = saved_train_config(out / TRAIN_CONFIG_FILE, tcfg.steps)
         else:
             spec, shipped = model, None
             if init_from is not None:
@@ -648,9 +739,16 @@ def _run(Trainer, context, framework: str, data: str, out: Path, *, model: str |
         atomic_write_bytes(out / CONFIG_FILE, cfg.to_json().encode())
     trainer = Trainer(cfg, tcfg, init_weights, dtype=dtype, device=device, context=context)
     step, position = 0, Position()
-    records = read_metrics(out)
+    try:
+        records = read_metrics(out)
+    except CheckpointError as e:
+        raise TrainError(str(e)) from None
     if resume_from is not None:
-        trainer.load_state(state)
+        try:
+            trainer.load_state(state)
+        except (ValueError, RuntimeError, TypeError) as e:  # e.g. a torch RNG state of the wrong size
+            raise TrainError(f"{resume_from / OPTIMIZER_FILE}: cannot resume from it "
+                             f"({str(e).strip().splitlines()[0][:200]})") from None
         step, position = state.step, Position(*meta["position"])
         if context is not None:
             _agree(context, step_to_resume_from=step)
@@ -673,8 +771,7 @@ def _run(Trainer, context, framework: str, data: str, out: Path, *, model: str |
     def log(record: dict[str, Any]) -> None:
         records.append(record)
         if writer:
-            with open(out / METRICS_FILE, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_bytes(out / METRICS_FILE, (json.dumps(record) + "\n").encode())
 
     def stop_now() -> bool:
         """Ctrl-C seen by any process (they all stop after the same step)."""
@@ -710,6 +807,11 @@ def _run(Trainer, context, framework: str, data: str, out: Path, *, model: str |
         except _NonFinite as e:
             kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved"
             raise TrainError(f"loss became {e.loss} at step {e.step}; stopped, {kept}") from None
+        except WriteError as e:
+            found = checkpoint_dirs(out)
+            kept = (f"the last good checkpoint is {found[-1]} (continue with --resume)" if found else
+                    "no checkpoint was saved")
+            raise TrainError(f"{e}; stopped at step {step}, {kept}") from None
         finally:
             bar.close()
         if stopping:

@@ -291,9 +291,9 @@ class Translator:
 def check_writable(path: str | os.PathLike, what: str) -> None:
     """TranslateError unless a file can be created next to `path` (checked before the slow work)."""
     path = Path(path)
-    if path.is_dir():
-        raise TranslateError(f"{what} {path}: is a directory")
     try:
+        if path.is_dir():  # also raises for a name too long
+            raise TranslateError(f"{what} {path}: is a directory")
         with tempfile.TemporaryFile(dir=path.parent if str(path.parent) else "."):
             pass
     except OSError as e:
