@@ -25,7 +25,7 @@ demo: setup
 	$(VENV)/bin/twin train --framework $(DEMO_FRAMEWORK) --data builtin --config small --out $(DEMO_OUT)
 
 TEST_WORKERS ?= auto
-TEST_ARGS := -n $(TEST_WORKERS) --dist worksteal
+TEST_ARGS := -n $(TEST_WORKERS) --dist worksteal --durations=25
 
 test: setup
 	JAX_PLATFORMS=$${JAX_PLATFORMS-cpu} $(PY) -m pytest -q $(TEST_ARGS) tests
