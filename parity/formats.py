@@ -612,18 +612,25 @@ def _os_error(e: BaseException, path: Path) -> OSError | None:
     return OSError(code, os.strerror(code), str(path))
 
 
+@contextlib.contextmanager
+def _os_errors(path: Path, *types: type[BaseException]) -> Iterator[None]:
+    """A library exception of `types` whose message carries an OS error re-raised as that OSError (`_os_error`)."""
+    try:
+        yield
+    except types as e:
+        error = _os_error(e, path)
+        if error is None:
+            raise
+        raise error from e
+
+
 def _save_safetensors(tmp: Path, arrays: Mapping[str, np.ndarray], cfg: TransformerConfig, names: str) -> None:
     from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
-    try:
+    with _os_errors(tmp, SafetensorError):
         save_file(_contiguous(arrays), str(tmp), metadata={"format": "twin-transformer", "names": names,
                                                            "config": cfg.to_json()})
-    except SafetensorError as e:
-        error = _os_error(e, tmp)
-        if error is None:
-            raise
-        raise error from e
 
 
 class _Recorded:
@@ -760,15 +767,10 @@ def _save_orbax(tmp: Path, tree: Mapping[str, Any], cfg: TransformerConfig) -> N
         registry = type_handlers.create_type_handler_registry((np.ndarray, _settled_numpy_handler()))
         handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_compression=False, type_handler_registry=registry)
         try:
-            with ocp.Checkpointer(handler) as checkpointer:
-                try:
-                    checkpointer.save(tmp.resolve(), args=ocp.args.PyTreeSave(tree, save_args=save_args),
-                                      custom_metadata={ORBAX_CONFIG_KEY: cfg.to_dict()})
-                except (ValueError, RuntimeError) as e:  # tensorstore's RESOURCE_EXHAUSTED etc.
-                    error = _os_error(e, tmp)
-                    if error is None:
-                        raise
-                    raise error from e
+            with ocp.Checkpointer(handler) as checkpointer, _os_errors(tmp, ValueError, RuntimeError):
+                # tensorstore's RESOURCE_EXHAUSTED etc.
+                checkpointer.save(tmp.resolve(), args=ocp.args.PyTreeSave(tree, save_args=save_args),
+                                  custom_metadata={ORBAX_CONFIG_KEY: cfg.to_dict()})
         except BaseException:  # e.g. Ctrl-C while orbax's commit threads still write
             for thread in set(threading.enumerate()) - before:
                 if type(thread).__module__.startswith("orbax."):
