@@ -1,21 +1,30 @@
 """Run by tests/test_distributed_torch.py under torchrun (2 processes, gloo): the torch Trainer under DDP and
-FSDP2 against the single-process Trainer on the same global batches, in the same process.
+FSDP2 against the single-process Trainer on the same global batches, in the same process; then, in the same
+processes, the `twin train` commands of ROOT/commands.json ({name: argv}), one after the other.
 
-Each process writes what it measured to OUT/rank{R}.json; the test asserts on it. Usage:
-    torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py OUT
+The corpora are the data directories ROOT/data/{seq2seq,encoder,decoder}. Each process writes what it measured
+to ROOT/rank{R}.json before the commands; the test asserts on it. Each command runs as under a torchrun launch
+of its own (its own rendezvous and process group); its output (file descriptor 1) goes to
+ROOT/NAME.rank{R}.out, and ROOT/NAME.rank{R}.done marks that it returned 0. Usage:
+    torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py ROOT
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from parity import cli  # noqa: E402
 from parity.batching import Batcher  # noqa: E402
 from parity.data import load_corpus  # noqa: E402
 from parity.tokenizer import train_tokenizer  # noqa: E402
@@ -87,10 +96,43 @@ def compare(arch: str, strategy: str, dtype: str, cfg, batches, src: np.ndarray,
     return result
 
 
-def main(out: Path) -> None:
+@contextlib.contextmanager
+def fd_output(path: Path):
+    """File descriptor 1 (print's and anything else's) into `path` for the duration."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(path, "wb") as file:
+        os.dup2(file.fileno(), 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def run_commands(root: Path, commands: dict[str, list[str]], rank: int) -> None:
+    """Each `twin` command with a rendezvous of its own: torchrun's store holds the keys of the first process
+    group, so process 0 hosts each command's store, on a free port it announces through torchrun's store."""
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
+    for name, argv in commands.items():
+        if rank == 0:
+            with socket.socket() as sock:
+                sock.bind((os.environ["MASTER_ADDR"], 0))
+                agent.set(f"twin-test/{name}/port", str(sock.getsockname()[1]))
+        os.environ["MASTER_PORT"] = agent.get(f"twin-test/{name}/port").decode()
+        with fd_output(root / f"{name}.rank{rank}.out"):
+            code = cli.main(argv)
+        if code != 0:
+            raise SystemExit(f"{name}: twin {' '.join(argv)} returned {code}")
+        (root / f"{name}.rank{rank}.done").touch()
+
+
+def main(root: Path) -> None:
     context = distributed.setup("cpu")
     rank = context.rank
-    corpus = {arch: load_corpus("builtin", limit=300, arch=arch) for arch in ("seq2seq", "encoder", "decoder")}
+    corpus = {arch: load_corpus(root / "data" / arch, arch=arch) for arch in ("seq2seq", "encoder", "decoder")}
     tokenizer = train_tokenizer((s for pair in corpus["seq2seq"].train for s in pair), vocab_size=200)
     report: dict = {"rank": rank, "describe": {}, "runs": {}}
     src = batches_of("seq2seq", corpus["seq2seq"], tokenizer, 1)[0].src[:5]  # [5, S]: odd, padded rows
@@ -127,8 +169,9 @@ def main(out: Path) -> None:
     resumed = Trainer(cfg, TCFG, context=distributed.Context(context.device, "fsdp"))
     resumed.load_state(state)
     report["stream_restored"] = bool(np.array_equal(torch.get_rng_state().numpy(), streams[rank]))
-    (out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+    (root / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
     context.close()
+    run_commands(root, json.loads((root / "commands.json").read_text()), rank)
 
 
 if __name__ == "__main__":

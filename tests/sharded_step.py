@@ -1,13 +1,22 @@
-"""Run by tests/test_sharding.py in a fresh process with 8 simulated CPU devices: the JAX Trainer's steps on
-one device and on several meshes, from the same weights on the same global batches; prints one JSON report.
+"""Run by tests/test_sharding.py in one fresh process, with no device count set by the caller; prints one JSON
+report. First `twin train` in this process: on `--mesh data=2,fsdp=4` (the command itself asks for the 8
+simulated CPU devices, before anything else starts JAX's backends), on one device, and the mesh run resumed on
+one device. Then the JAX Trainer's steps on one device and on several meshes of those 8 devices, from the same
+weights on the same global batches. A part that fails is reported as its traceback; the other part still runs.
 
-Usage: python tests/sharded_step.py  (XLA_FLAGS=--xla_force_host_platform_device_count=8 set by the caller)
+Usage: python tests/sharded_step.py OUT  (OUT: an empty directory for the runs)
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import shutil
+import sys
+import traceback
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -18,8 +27,10 @@ jax.config.update("jax_enable_x64", True)
 
 from jax_tx import distributed  # noqa: E402
 from jax_tx.train import Trainer  # noqa: E402
+from parity import cli  # noqa: E402
 from parity.batching import NO_CLASS, Batch  # noqa: E402
 from parity.config import TransformerConfig  # noqa: E402
+from parity.data import load_corpus  # noqa: E402
 from parity.train import TrainConfig  # noqa: E402
 
 MESHES = ({"data": 8, "fsdp": 1}, {"data": 2, "fsdp": 4}, {"data": 1, "fsdp": 8})
@@ -113,7 +124,47 @@ def resumed(cfg, tcfg, dtype: str, single: Trainer, sharded: Trainer, data: list
     return max(rel(got[k], want[k]) for k in want if not k.endswith("k_proj.bias"))
 
 
-def main() -> None:
+TRAIN = ["--framework", "jax", "--config", "tiny", "--limit", "64", "--max-tokens", "256", "--warmup", "4",
+         "--log-every", "1", "--eval-every", "100", "--save-every", "3", "--no-progress", "--vocab-size", "1",
+         "--dtype", "float64"]
+
+
+def write_data(directory: Path) -> Path:
+    """A data directory of builtin's pairs of 31 to 38 characters: 64 training, 16 validation, 2 test pairs.
+
+    `--vocab-size 1` leaves BPE no merges (a token per character, and the word-start mark), so every pair is
+    33 to 40 tokens long with its BOS or EOS: every batch is one shape, (6, 40), and each run compiles its step
+    once. 6 rows take 2 empty ones on 8 devices. Each run evaluates the whole validation split at its end."""
+    corpus = load_corpus("builtin")
+    directory.mkdir(parents=True)
+    for name, pairs in (("train", corpus.train), ("valid", corpus.valid), ("test", corpus.test)):
+        pairs = [pair for pair in pairs if 31 <= max(map(len, pair)) <= 38][:{"train": 64, "valid": 16}.get(name, 2)]
+        (directory / f"{name}.tsv").write_text("".join(f"{src}\t{tgt}\n" for src, tgt in pairs), encoding="utf-8")
+    return directory
+
+
+def train(data: Path, out: Path, *extra: str) -> str:
+    """`twin train` in this process; what it printed."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = cli.main(["train", *TRAIN, "--data", str(data), "--out", str(out), *extra])
+    assert code == 0, (code, printed.getvalue()[-3000:])
+    return printed.getvalue()
+
+
+def mesh_runs(root: Path) -> dict[str, str]:
+    """Three steps on `--mesh data=2,fsdp=4` (first: the command asks for its 8 devices), five on one device, and
+    the mesh run resumed on one device for two more: run directories and the mesh run's output."""
+    data = write_data(root / "data")
+    out = {name: root / name for name in ("single", "mesh", "mesh_then_single")}
+    mesh_log = train(data, out["mesh"], "--steps", "3", "--mesh", "data=2,fsdp=4", "--test-limit", "2")
+    train(data, out["single"], "--steps", "5", "--test-limit", "0")
+    shutil.copytree(out["mesh"], out["mesh_then_single"])
+    train(data, out["mesh_then_single"], "--steps", "5", "--resume", "--test-limit", "0")
+    return {**{name: str(path) for name, path in out.items()}, "mesh_log": mesh_log}
+
+
+def sharded_steps() -> dict:
     rng = np.random.default_rng(0)
     report = {"devices": len(jax.devices()), "rows": []}
     report["rows"] += compare("seq2seq", "float64", MESHES, rng, resume=MESHES[0])
@@ -125,8 +176,18 @@ def main() -> None:
         report["too_many"] = None
     except ValueError as e:
         report["too_many"] = str(e)
+    return report
+
+
+def main(root: Path) -> None:
+    report: dict = {}
+    for name, part in (("runs", lambda: mesh_runs(root)), ("steps", sharded_steps)):
+        try:
+            report[name] = part()
+        except Exception:  # noqa: BLE001 - reported; the test that needs this part fails with it
+            report[name + "_error"] = traceback.format_exc()
     print("REPORT " + json.dumps(report))
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]))

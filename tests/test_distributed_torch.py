@@ -1,11 +1,14 @@
 """torch under torchrun: `twin train` under DDP and FSDP2 (--fsdp) takes the single-process step of the same global
 batch (float64: to rounding; float32: 1e-5), writes an ordinary run directory from process 0 alone, and resumes
-from and into single-process runs. The Trainer-level checks run in one 2-process launch of
-tests/distributed_worker.py; the CLI runs are float64, 2 processes, gloo."""
+from and into single-process runs. One 2-process launch of tests/distributed_worker.py (gloo) runs the
+Trainer-level checks and then the two torchrun CLI runs; the CLI runs are float64, and the single-process ones
+run in this process."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import os
 import shutil
@@ -21,7 +24,7 @@ import torch_tx.train as tt
 from parity import cli
 from parity.batching import label_pad
 from parity.checkpoint import load_checkpoint, load_config
-from parity.data import load_corpus
+from parity.data import EXTENSIONS, load_corpus
 from parity.tokenizer import Tokenizer
 from parity.train import (CHECKPOINTS, TrainConfig, _batches, checkpoint_dirs, load_training_checkpoint,
                           model_config, read_metrics)
@@ -35,13 +38,93 @@ ARGS = ["--framework", "torch", "--config", "tiny", "--limit", "300", "--max-tok
         "--show", "1", "--no-progress"]
 
 
-def launch(*args: str, torchrun: bool = False) -> subprocess.CompletedProcess:
-    """`twin train ARGS args` in one process, or in two under torchrun (a free port each time: --standalone)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "JAX_PLATFORMS": "cpu"}
-    command = [sys.executable, *(TORCHRUN if torchrun else []), "-m", "parity.cli", "train", *ARGS, *args]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+def write_data(root: Path) -> Path:
+    """builtin's first 300 training examples, 16 validation and 2 test examples of each arch, as data directories
+    root/ARCH (the runs evaluate the whole validation split: builtin's 2,000 pairs cost more than the steps; 16
+    pairs make batches of 18 and 9 rows, an odd one among them)."""
+    for arch in ("seq2seq", "encoder", "decoder"):
+        corpus = load_corpus("builtin", limit=300, arch=arch)
+        (root / arch).mkdir(parents=True)
+        for name, examples in (("train", corpus.train), ("valid", corpus.valid[:16]), ("test", corpus.test[:2])):
+            text = "".join("\t".join(example) + "\n" for example in examples)
+            (root / arch / f"{name}{EXTENSIONS[arch][0]}").write_text(text, encoding="utf-8")
+    return root
+
+
+def train_args(data: Path, *args: str) -> list[str]:
+    return ["train", *ARGS, "--data", str(data / "seq2seq"), *args]
+
+
+def train_here(data: Path, *args: str) -> None:
+    """`twin train ARGS args` in this process, on one thread (like a process with OMP_NUM_THREADS=1)."""
+    threads, printed = torch.get_num_threads(), io.StringIO()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(printed):
+            code = cli.main(train_args(data, *args))
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, printed.getvalue()[-3000:]
+
+
+def _once(tmp_path_factory, name: str, make) -> dict:
+    """`make(directory)` (a JSON-able dict) computed once per test session, even when pytest-xdist spreads this
+    module's tests over several workers: the first worker computes it under a file lock, the others read it."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if "PYTEST_XDIST_WORKER" in os.environ else base  # the session's directory either way
+    directory, result = root / name, root / f"{name}.json"
+    with FileLock(str(result) + ".lock"):
+        if not result.is_file():
+            directory.mkdir(exist_ok=True)
+            result.write_text(json.dumps(make(directory)))
+        return json.loads(result.read_text())
+
+
+def _runs(root: Path) -> dict:
+    """The single-process run (4 steps, checkpoints at 2 and 4), then one torchrun launch of the worker: its
+    checks, then the same command under DDP for 2 steps, and --fsdp resuming the single-process step 2."""
+    data = write_data(root / "data")
+    reference = root / "single" / "run"
+    train_here(data, "--out", str(reference), "--steps", "4")
+    ddp, fsdp = root / "ddp" / "run", root / "fsdp" / "run"
+    shutil.copytree(reference, fsdp)
+    shutil.rmtree(fsdp / CHECKPOINTS / "step_0000004")
+    commands = {"ddp": train_args(data, "--out", str(ddp), "--steps", "2"),
+                "fsdp": train_args(data, "--out", str(fsdp), "--resume", "--steps", "4", "--fsdp")}
+    (root / "commands.json").write_text(json.dumps(commands))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, *TORCHRUN, str(ROOT / "tests" / "distributed_worker.py"), str(root)],
+                            capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    return {"root": str(root), "data": str(data), "single": str(reference), "ddp": str(ddp), "fsdp": str(fsdp),
+            "returncode": result.returncode, "stderr": result.stderr[-3000:]}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    return _once(tmp_path_factory, "torch_runs", _runs)
+
+
+def command(runs: dict, name: str) -> tuple[Path, str]:
+    """A torchrun CLI run of the worker: its run directory, and what its two processes printed (rank 0's, then
+    rank 1's)."""
+    root = Path(runs["root"])
+    assert all((root / f"{name}.rank{rank}.done").is_file() for rank in (0, 1)), runs["stderr"]
+    assert runs["returncode"] == 0, runs["stderr"]
+    return Path(runs[name]), "".join((root / f"{name}.rank{rank}.out").read_text() for rank in (0, 1))
+
+
+@pytest.fixture(scope="module")
+def reference(runs) -> Path:
+    """The single-process run: 4 steps, checkpoints at 2 and 4."""
+    return Path(runs["single"])
+
+
+@pytest.fixture(scope="module")
+def ddp(runs) -> tuple[Path, str]:
+    """The same command under torchrun, DDP over 2 processes, 2 steps: the run, and what it printed."""
+    return command(runs, "ddp")
 
 
 def weights_at(run: Path, step: int | None = None) -> dict[str, np.ndarray]:
@@ -59,35 +142,18 @@ def same_records(got: list[tuple], expected: list[tuple]) -> None:
     assert [r[3] for r in got] == pytest.approx([r[3] for r in expected], rel=1e-12)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """The single-process run: 4 steps, checkpoints at 2 and 4."""
-    out = tmp_path_factory.mktemp("single") / "run"
-    launch("--out", str(out), "--steps", "4")
-    return out
-
-
-@pytest.fixture(scope="module")
-def ddp(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """The same command under torchrun, DDP over 2 processes, 2 steps."""
-    out = tmp_path_factory.mktemp("ddp") / "run"
-    return out, launch("--out", str(out), "--steps", "2", torchrun=True)
-
-
-def test_trainer_under_ddp_and_fsdp_is_the_single_process_trainer(tmp_path):
+def test_trainer_under_ddp_and_fsdp_is_the_single_process_trainer(runs):
     """Per arch, strategy and dtype (tied and shared embeddings, packed rows): 3 steps, evaluation, decoding,
     and a fourth step after loading the other's state, against the single-process Trainer; Context's
     collectives; each process's own dropout stream, restored on resume."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, *TORCHRUN, str(ROOT / "tests" / "distributed_worker.py"), str(tmp_path)],
-                            capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    root = Path(runs["root"])
+    assert all((root / f"rank{rank}.json").is_file() for rank in (0, 1)), runs["stderr"]
+    reports = [json.loads((root / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert reports[0]["runs"] == reports[1]["runs"]
-    runs = reports[0]["runs"]
-    assert len(runs) == 7
-    assert any(rows % 2 for run in runs.values() for rows in run["rows"])  # a batch that needs a padding row
-    for name, run in runs.items():
+    cases = reports[0]["runs"]
+    assert len(cases) == 7
+    assert any(rows % 2 for run in cases.values() for rows in run["rows"])  # a batch that needs a padding row
+    for name, run in cases.items():
         tolerance = 1e-12 if name.endswith("float64") else 1e-5
         assert run["initial"] == 0.0, name
         for key in ("metrics", "weights", "moments", "eval", "resumed_distributed", "resumed_single"):
@@ -151,10 +217,10 @@ def test_each_process_scales_its_loss_so_the_average_gradient_is_the_global_one(
     assert int(parts[0][0]["tokens"]) == int((batch["labels"] != 0).sum())
 
 
-def test_ddp_run_is_the_single_process_run(reference, ddp):
+def test_ddp_run_is_the_single_process_run(runs, reference, ddp):
     """Same weights (float64), records and files; process 0 alone prints and writes; a global batch with an odd
     number of rows was split with a padding row."""
-    run, result = ddp
+    run, printed = ddp
     assert relative(weights_at(reference, 2), weights_at(run)) <= 1e-12
     assert relative(weights_at(reference, 2), weights_at(run, 2)) <= 1e-12
     same_records(records(run, 2), records(reference, 2))
@@ -163,10 +229,10 @@ def test_ddp_run_is_the_single_process_run(reference, ddp):
     assert sorted(p.name for p in (run / CHECKPOINTS / "step_0000002").iterdir()) == sorted(
         p.name for p in (reference / CHECKPOINTS / "step_0000002").iterdir())
     assert [r["split"] for r in read_metrics(run)] == ["train", "train", "valid", "test"]
-    assert result.stdout.count("distributed: DDP over 2 processes (gloo, cpu)") == 1
-    assert result.stdout.count("test exact match:") == 1
+    assert printed.count("distributed: DDP over 2 processes (gloo, cpu)") == 1
+    assert printed.count("test exact match:") == 1
 
-    corpus = load_corpus("builtin", limit=300)
+    corpus = load_corpus(Path(runs["data"]) / "seq2seq", limit=300)
     tcfg = TrainConfig.from_dict(json.loads((run / "train_config.json").read_text())["train"])
     stream = _batches(Tokenizer.load(run / "tokenizer.json"), corpus.train, corpus, load_config(run), tcfg,
                       shuffle=True).stream()
@@ -174,24 +240,21 @@ def test_ddp_run_is_the_single_process_run(reference, ddp):
     assert sorted(r % 2 for r in rows) == [0, 1], rows  # one even global batch, one odd (a padding row added)
 
 
-def test_a_single_process_resumes_a_ddp_run(reference, ddp, tmp_path):
+def test_a_single_process_resumes_a_ddp_run(runs, reference, ddp, tmp_path):
     """The distributed checkpoint is an ordinary one: one process resumes it to the single-process run's end."""
     run = tmp_path / "run"
     shutil.copytree(ddp[0], run)
-    launch("--out", str(run), "--resume", "--steps", "4")
+    train_here(Path(runs["data"]), "--out", str(run), "--resume", "--steps", "4")
     assert relative(weights_at(reference), weights_at(run)) <= 1e-12
     same_records(records(run, 4), records(reference, 4))
 
 
-def test_fsdp_resumes_a_single_process_run(reference, tmp_path):
-    """torchrun --fsdp --resume from the single-process step 2 checkpoint ends where the single-process run did;
-    its checkpoint loads into the single-process torch and JAX trainers."""
-    run = tmp_path / "run"
-    shutil.copytree(reference, run)
-    shutil.rmtree(run / CHECKPOINTS / "step_0000004")
-    result = launch("--out", str(run), "--resume", "--steps", "4", "--fsdp", torchrun=True)
-    assert result.stdout.count("distributed: FSDP2 over 2 processes (gloo, cpu)") == 1
-    assert result.stdout.count("test exact match:") == 1
+def test_fsdp_resumes_a_single_process_run(runs, reference):
+    """torchrun --fsdp --resume from a copy of the single-process run without its step 4 checkpoint ends where
+    the single-process run did; its checkpoint loads into the single-process torch and JAX trainers."""
+    run, printed = command(runs, "fsdp")
+    assert printed.count("distributed: FSDP2 over 2 processes (gloo, cpu)") == 1
+    assert printed.count("test exact match:") == 1
     assert relative(weights_at(reference), weights_at(run)) <= 1e-12
     same_records(records(run, 4), records(reference, 4))
     assert [r["step"] for r in read_metrics(run) if r["split"] == "train"] == [1, 2, 3, 4]

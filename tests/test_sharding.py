@@ -1,12 +1,12 @@
-"""JAX sharding (`jax_tx.distributed`, `twin train --mesh`): on 8 simulated CPU devices in a fresh process,
-the sharded step is the single-device step on the same global batch, the parameters and Adam moments are
-really split over the fsdp axis, and runs move between one device and a mesh through ordinary checkpoints."""
+"""JAX sharding (`jax_tx.distributed`, `twin train --mesh`): on 8 simulated CPU devices in a fresh process
+(tests/sharded_step.py, one for the whole module), the sharded step is the single-device step on the same
+global batch, the parameters and Adam moments are really split over the fsdp axis, and runs move between one
+device and a mesh through ordinary checkpoints."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,11 +18,6 @@ from parity.checkpoint import load_checkpoint
 from parity.train import TrainError, parse_mesh
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _env(devices: int | None = 8) -> dict[str, str]:
-    flags = os.environ.get("XLA_FLAGS", "") + (f" --xla_force_host_platform_device_count={devices}" if devices else "")
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, "PYTHONPATH": str(ROOT)}
 
 
 def _once(tmp_path_factory, name: str, make) -> dict:
@@ -41,16 +36,24 @@ def _once(tmp_path_factory, name: str, make) -> dict:
 
 
 def _sharded_step(directory: Path) -> dict:
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_step.py")], env=_env(), cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    """tests/sharded_step.py's report: `twin train` runs under `directory`, then the Trainer-level checks."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}  # no device count: the mesh run asks
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_step.py"), str(directory)], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("REPORT "))
     return json.loads(line[len("REPORT "):])
 
 
+def _part(name: str, tmp_path_factory) -> dict:
+    report = _once(tmp_path_factory, "sharded_step", _sharded_step)
+    assert name in report, report.get(f"{name}_error")
+    return report[name]
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
-    return _once(tmp_path_factory, "sharded_step", _sharded_step)
+    return _part("steps", tmp_path_factory)
 
 
 def _rows(report: dict, **match) -> list[dict]:
@@ -139,17 +142,6 @@ def test_parse_mesh_refuses(spec):
 
 # ------------------------------------------------------------------------------------------- twin train --mesh
 
-TRAIN = ["--framework", "jax", "--data", "builtin", "--config", "tiny", "--limit", "64", "--max-tokens", "256",
-         "--warmup", "4", "--log-every", "1", "--eval-every", "100", "--save-every", "3",
-         "--no-progress", "--vocab-size", "120", "--dtype", "float64"]
-
-
-def _train(out: Path, *extra: str, devices: int | None = None) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "parity.cli", "train", *TRAIN, "--out", str(out), *extra],
-                          env=_env(devices), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    return done
-
-
 def _rel(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     """Largest difference of a weight, relative to the size of all of b's weights (k_proj.bias moves by rounding
     noise that Adam scales up: see tests/sharded_step.py)."""
@@ -157,25 +149,12 @@ def _rel(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     return max(float(np.linalg.norm(a[k] - b[k])) for k in b) / scale
 
 
-def _mesh_runs(root: Path) -> dict[str, str]:
-    """Five steps on one device; three on `--mesh data=2,fsdp=4` (8 simulated devices, asked for by the
-    command itself), then resumed on one device for two more."""
-    out = {name: root / name for name in ("single", "mesh", "mesh_then_single")}
-    for name, extra in (("single", ("--steps", "5", "--test-limit", "0")),
-                        ("mesh", ("--steps", "3", "--mesh", "data=2,fsdp=4", "--test-limit", "2"))):
-        done = _train(out[name], *extra)
-        assert done.returncode == 0, done.stderr[-3000:]
-        out[name + "_log"] = done.stdout
-    shutil.copytree(out["mesh"], out["mesh_then_single"])
-    done = _train(out["mesh_then_single"], "--steps", "5", "--resume", "--test-limit", "0")
-    assert done.returncode == 0, done.stderr[-3000:]
-    return {name: str(value) for name, value in out.items()}
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path | str]:
+    """`twin train` (tests/sharded_step.py): three steps on `--mesh data=2,fsdp=4` (8 simulated devices, asked
+    for by the command itself), five on one device, and the mesh run resumed on one device for two more."""
     return {name: value if name.endswith("_log") else Path(value)
-            for name, value in _once(tmp_path_factory, "mesh_runs", _mesh_runs).items()}
+            for name, value in _part("runs", tmp_path_factory).items()}
 
 
 def test_train_mesh_equals_one_device(runs):
