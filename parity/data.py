@@ -21,6 +21,7 @@ the encoder's classifier, (text,) for the decoder's language model. Nothing here
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import lzma
 import os
@@ -115,8 +116,14 @@ def leading_digit(number: int) -> str:
     return str(number)[0]
 
 
+@functools.cache
+def _builtin_rows() -> tuple[tuple[str, ...], ...]:
+    """The embedded corpus's (number, English, French) rows, decompressed and parsed once per process."""
+    return tuple(tuple(row.split("\t")) for row in lzma.decompress(NUMBERS_FILE.read_bytes()).decode().splitlines())
+
+
 def _builtin(arch: str) -> Corpus:
-    rows = [row.split("\t") for row in lzma.decompress(NUMBERS_FILE.read_bytes()).decode().splitlines()]
+    rows = _builtin_rows()
     if arch == "seq2seq":
         examples = [[(en, fr)] for _, en, fr in rows]
     elif arch == "encoder":

@@ -777,7 +777,7 @@ def _run(Trainer, context, framework: str, data: str, out: Path, *, model: str |
         """Ctrl-C seen by any process (they all stop after the same step)."""
         return stop.requested if context is None else context.any(stop.requested)
 
-    window, last_saved, last, stopping = _Window(step), resume_from, {}, False
+    window, last_saved, last, stopping, plotted = _Window(step), resume_from, {}, False, -1
     bar = _progress(progress and writer, tcfg.steps, step)
     with _StopOnSigint() as stop:
         stream = train_batches.stream(position)
@@ -799,6 +799,7 @@ def _run(Trainer, context, framework: str, data: str, out: Path, *, model: str |
                     log(last["valid"])
                     if writer:
                         plot_losses(out, records)
+                        plotted = len(records)
                 stopping = stop_now()
                 if step % tcfg.save_every == 0 or step == tcfg.steps or stopping:
                     window.settle()
@@ -817,7 +818,7 @@ def _run(Trainer, context, framework: str, data: str, out: Path, *, model: str |
         if stopping:
             echo(f"interrupted at step {step}: saved {last_saved}; continue with --resume")
             return {**last, "interrupted": True}
-    if records and writer:
+    if records and writer and len(records) != plotted:  # the last evaluation drew the same records
         plot_losses(out, records)
     if "valid" in last:
         valid = last["valid"]
