@@ -8,7 +8,10 @@ tests/data/tiny_run; tests/test_installs.py writes them and builds the two virtu
 
     VENV/bin/python scripts/smoke_install.py --framework torch --foreign DIR [--work DIR]
 
-Each command is printed with its exit status and seconds; exit status 0 when every check passed.
+The commands that train, translate, evaluate or convert each run as `twin`, in a process of their own; the --help
+and refusal commands (which start no framework) run at the end in one fresh interpreter of the install, one
+parity.cli.main call each, with the same checks (`twin --help` and the first refusal also run as `twin`). Each
+command is printed with its exit status (and seconds); exit status 0 when every check passed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import importlib.util
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -34,6 +38,12 @@ PAIRS = [("six hundred and sixty-five thousand, four hundred and eighty-eight", 
           "neuf cent quinze mille trois cent trente et un")]
 EN = "one two three four five six seven eight nine ten".split()
 FR = "un deux trois quatre cinq six sept huit neuf dix".split()
+# The twin commands' environment, under the caller's: one intra-op thread (the tiny models gain nothing from a
+# second, whose spinning took a torch `twin train` from 4.1-4.5 to 6.3-10.3 s of CPU on a busy 2-core machine),
+# and a JAX compilation cache in WORK, so that the --resume run loads the programs the first run compiled (the
+# same config and shapes) instead of compiling them again.
+ENV = {"OMP_NUM_THREADS": "1", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
 
 
 def write_data(directory: Path) -> Path:
@@ -45,11 +55,38 @@ def write_data(directory: Path) -> Path:
     return directory
 
 
-class Smoke:
-    """Runs `twin` commands and records every check that fails."""
+# Runs in one interpreter of the install (`python -c`): parity.cli.main on each argv of the JSON list on stdin, as
+# the `twin` script would (`sys.exit(main())`), stdout and stderr captured; prints [[status, stdout, stderr], ...].
+IN_ONE_PROCESS = """
+import contextlib, io, json, sys, traceback
+del sys.path[0]  # the current directory (`twin` has its bin directory there)
+from parity.cli import main
+results = []
+for argv in json.load(sys.stdin):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = main(argv)
+        except SystemExit as e:
+            status = e.code
+        except BaseException:
+            traceback.print_exc()
+            status = 1
+        if status is not None and not isinstance(status, int):
+            print(status, file=sys.stderr)
+            status = 1
+    results.append([status or 0, out.getvalue(), err.getvalue()])
+sys.__stdout__.write(json.dumps(results))
+"""
 
-    def __init__(self, twin: Path) -> None:
-        self.twin, self.failures = twin, []
+
+class Smoke:
+    """Runs `twin` commands and records every check that fails: `run` starts `twin` itself, `queue` saves a command
+    for `run_queued`, which runs all the saved ones in one interpreter (for --help and refusals, which start no
+    framework: a process each would only repeat the interpreter's start-up)."""
+
+    def __init__(self, twin: Path, env: dict[str, str] | None = None) -> None:
+        self.twin, self.env, self.failures, self.queued = twin, env, [], []
 
     def fail(self, what: str) -> None:
         self.failures.append(what)
@@ -63,21 +100,54 @@ class Smoke:
         """`twin ARGS`; error None: exit status 0 and no traceback, else exit status 1, nothing on stdout and
         exactly the line `error` on stderr; `absent`: a path the command must not create. Returns stdout."""
         command = [str(self.twin), *map(str, args)]
-        start = time.perf_counter()
-        result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
-        print(f"$ twin {' '.join(command[1:])}  ->  {result.returncode} ({time.perf_counter() - start:.1f} s)",
-              flush=True)
-        shown = f"\n--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
+        start, cpu = time.perf_counter(), _children_cpu()
+        result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600,
+                                env=self.env)
+        print(f"$ twin {' '.join(command[1:])}  ->  {result.returncode} ({time.perf_counter() - start:.1f} s, "
+              f"{_children_cpu() - cpu:.1f} s CPU)", flush=True)
+        self._judge(args, result.returncode, result.stdout, result.stderr, error, absent)
+        return result.stdout
+
+    def queue(self, *args: str | Path, error: str | None = None, absent: Path | None = None) -> None:
+        """`run`'s checks of `twin ARGS`, made by `run_queued`."""
+        self.queued.append((tuple(map(str, args)), error, absent))
+
+    def run_queued(self) -> None:
+        """The queued commands, each a call of parity.cli.main in one fresh interpreter of the install."""
+        queued, self.queued = self.queued, []
+        start, cpu = time.perf_counter(), _children_cpu()
+        result = subprocess.run([sys.executable, "-c", IN_ONE_PROCESS], input=json.dumps([a for a, _, _ in queued]),
+                                capture_output=True, text=True, timeout=600, env=self.env)
+        print(f"{len(queued)} commands in one process  ->  {result.returncode} "
+              f"({time.perf_counter() - start:.1f} s, {_children_cpu() - cpu:.1f} s CPU)", flush=True)
+        try:
+            results = json.loads(result.stdout)
+        except ValueError:
+            results = []
+        if result.returncode != 0 or len(results) != len(queued):
+            self.fail(f"the queued commands did not run ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                      f"{result.stderr[-3000:]}")
+            return
+        for (args, error, absent), (status, out, err) in zip(queued, results):
+            print(f"$ twin {' '.join(args)}  ->  {status}", flush=True)
+            self._judge(args, status, out, err, error, absent)
+
+    def _judge(self, args, status: int, out: str, err: str, error: str | None, absent: Path | None) -> None:
+        shown = f"\n--- stdout\n{out[-3000:]}\n--- stderr\n{err[-3000:]}"
         if error is None:
-            self.check(result.returncode == 0 and "Traceback" not in result.stderr,
-                       f"twin {args[0]}: expected exit status 0 and no traceback, got {result.returncode}{shown}")
+            self.check(status == 0 and "Traceback" not in err,
+                       f"twin {args[0]}: expected exit status 0 and no traceback, got {status}{shown}")
         else:
-            self.check(result.returncode == 1 and result.stdout == "" and result.stderr == error + "\n",
-                       f"twin {args[0]}: expected exit status 1 and the one line\n{error}\ngot "
-                       f"{result.returncode}{shown}")
+            self.check(status == 1 and out == "" and err == error + "\n",
+                       f"twin {args[0]}: expected exit status 1 and the one line\n{error}\ngot {status}{shown}")
         if absent is not None:
             self.check(not absent.exists(), f"{absent} was created")
-        return result.stdout
+
+
+def _children_cpu() -> float:
+    """User + system seconds of this process's finished children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -107,13 +177,14 @@ def smoke(have: str, foreign: Path, work: Path) -> int:
         print(f"not a {have}-only install: {found}")
         return 1
     twin = Path(sys.executable).parent / "twin"
-    s = Smoke(twin)
+    s = Smoke(twin, {**ENV, "JAX_COMPILATION_CACHE_DIR": str(work / "jax-cache"), **os.environ})
     missing = f"{LABELS[lack]} is not installed"
     install = f"pip install 'twin-transformer[{lack}]'"
     other = f"{install}, or pass --framework {have}"
 
-    for sub in ("", *SUBCOMMANDS):
-        s.run(*([sub] if sub else []), "--help")
+    s.run("--help")
+    for sub in SUBCOMMANDS:
+        s.queue(sub, "--help")
 
     data, run_dir = write_data(work / "data"), work / "run"
     train = ["--data", data, "--config", "tiny", "--no-progress", "--log-every", "1", "--eval-every", "2",
@@ -130,12 +201,13 @@ def smoke(have: str, foreign: Path, work: Path) -> int:
 
     out = s.run("translate", TINY_RUN, *(p[0] for p in PAIRS))
     s.check(out.splitlines() == [p[1] for p in PAIRS], f"twin translate printed {out!r}")
-    s.run("translate", TINY_RUN, "--framework", lack, PAIRS[0][0], error=f"twin translate: {missing}: {other}")
+    s.queue("translate", TINY_RUN, "--framework", lack, PAIRS[0][0],
+            error=f"twin translate: {missing}: {other}")
 
     out = s.run("eval", TINY_RUN, "--limit", "6")
     s.check(f"{TINY_RUN}: test split of builtin, {have}, greedy" in out and "exact match 100.00%" in out,
             f"twin eval printed {out!r}")
-    s.run("eval", TINY_RUN, "--limit", "6", "--framework", lack, error=f"twin eval: {missing}: {other}")
+    s.queue("eval", TINY_RUN, "--limit", "6", "--framework", lack, error=f"twin eval: {missing}: {other}")
 
     c = work / "convert"
     c.mkdir()
@@ -157,21 +229,24 @@ def smoke(have: str, foreign: Path, work: Path) -> int:
         s.check(back.is_file() and same_weights(back, TINY_RUN / "model.safetensors"),
                 f"{TINY_RUN} -> --to {target} -> safetensors changed the weights")
     for target, dst, instead in refused:
-        s.run("convert", TINY_RUN, dst, "--to", target, absent=dst,
-              error=f"twin convert: {missing} (to write --to {target} at {dst}): {install}, or {instead}")
+        s.queue("convert", TINY_RUN, dst, "--to", target, absent=dst,
+                error=f"twin convert: {missing} (to write --to {target} at {dst}): {install}, or {instead}")
     for src in foreign_sources:
-        s.run("convert", src, c / "y.safetensors", "--to", "safetensors", "--config", config_file,
-              absent=c / "y.safetensors", error=f"twin convert: {missing} (to read {src}): {install}")
-    s.run("convert", TINY_RUN, c / "v.safetensors", "--to", "safetensors", "--verify", absent=c / "v.safetensors",
-          error=f"twin convert: {missing} (--verify runs both twins): {install}, or leave out --verify")
+        s.queue("convert", src, c / "y.safetensors", "--to", "safetensors", "--config", config_file,
+                absent=c / "y.safetensors", error=f"twin convert: {missing} (to read {src}): {install}")
+    s.queue("convert", TINY_RUN, c / "v.safetensors", "--to", "safetensors", "--verify",
+            absent=c / "v.safetensors",
+            error=f"twin convert: {missing} (--verify runs both twins): {install}, or leave out --verify")
 
     both = f"{missing} (it runs both twins): {install}"
-    s.run("parity", "--configs", "1", error=f"twin parity: {both}")
-    s.run("parity", TINY_RUN, error=f"twin parity: {both}")
+    s.queue("parity", "--configs", "1", error=f"twin parity: {both}")
+    s.queue("parity", TINY_RUN, error=f"twin parity: {both}")
 
     bench = f"twin bench: {missing} (the benchmarks measure both twins): {install}"
-    s.run("bench", "--quick", "--out", work / "bench", error=bench, absent=work / "bench")
-    s.run("bench", "--decode", error=bench)
+    s.queue("bench", "--quick", "--out", work / "bench", error=bench, absent=work / "bench")
+    s.queue("bench", "--decode", error=bench)
+
+    s.run_queued()
 
     print(f"{have}-only install: {len(s.failures)} failed checks")
     return 1 if s.failures else 0
