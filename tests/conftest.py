@@ -7,6 +7,7 @@ Profiles: `ci` (derandomized, no deadline; the default) and `dev` (more examples
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import zlib
@@ -52,6 +53,21 @@ def _gpu_skip_reason() -> str | None:
 GPU_SKIP = _gpu_skip_reason()
 DEVICES = [pytest.param("cpu", id="cpu"),
            pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(GPU_SKIP is not None, reason=str(GPU_SKIP)))]
+
+
+def once(tmp_path_factory, name: str, make) -> dict:
+    """`make(directory)` (a JSON-able dict) computed once per test session, even when pytest-xdist spreads a
+    module's tests over several workers: the first worker computes it under a file lock, the others read it."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if "PYTEST_XDIST_WORKER" in os.environ else base  # the session's directory either way
+    directory, result = root / name, root / f"{name}.json"
+    with FileLock(str(result) + ".lock"):
+        if not result.is_file():
+            directory.mkdir(exist_ok=True)
+            result.write_text(json.dumps(make(directory)))
+        return json.loads(result.read_text())
 
 
 @pytest.fixture(autouse=True)

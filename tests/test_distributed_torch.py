@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import torch_tx.train as tt
+from conftest import once
 from parity import cli
 from parity.batching import label_pad
 from parity.checkpoint import load_checkpoint, load_config
@@ -67,21 +68,6 @@ def train_here(data: Path, *args: str) -> None:
     assert code == 0, printed.getvalue()[-3000:]
 
 
-def _once(tmp_path_factory, name: str, make) -> dict:
-    """`make(directory)` (a JSON-able dict) computed once per test session, even when pytest-xdist spreads this
-    module's tests over several workers: the first worker computes it under a file lock, the others read it."""
-    from filelock import FileLock
-
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent if "PYTEST_XDIST_WORKER" in os.environ else base  # the session's directory either way
-    directory, result = root / name, root / f"{name}.json"
-    with FileLock(str(result) + ".lock"):
-        if not result.is_file():
-            directory.mkdir(exist_ok=True)
-            result.write_text(json.dumps(make(directory)))
-        return json.loads(result.read_text())
-
-
 def _runs(root: Path) -> dict:
     """The single-process run (4 steps, checkpoints at 2 and 4), then one torchrun launch of the worker: its
     checks, then the same command under DDP for 2 steps, and --fsdp resuming the single-process step 2."""
@@ -103,7 +89,7 @@ def _runs(root: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    return _once(tmp_path_factory, "torch_runs", _runs)
+    return once(tmp_path_factory, "torch_runs", _runs)
 
 
 def command(runs: dict, name: str) -> tuple[Path, str]:

@@ -14,25 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import once
 from parity.checkpoint import load_checkpoint
 from parity.train import TrainError, parse_mesh
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _once(tmp_path_factory, name: str, make) -> dict:
-    """`make(directory)` (a JSON-able dict) computed once per test session, even when pytest-xdist spreads this
-    module's tests over several workers: the first worker computes it under a file lock, the others read it."""
-    from filelock import FileLock
-
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent if "PYTEST_XDIST_WORKER" in os.environ else base  # the session's directory either way
-    directory, result = root / name, root / f"{name}.json"
-    with FileLock(str(result) + ".lock"):
-        if not result.is_file():
-            directory.mkdir(exist_ok=True)
-            result.write_text(json.dumps(make(directory)))
-        return json.loads(result.read_text())
 
 
 def _sharded_step(directory: Path) -> dict:
@@ -46,7 +32,7 @@ def _sharded_step(directory: Path) -> dict:
 
 
 def _part(name: str, tmp_path_factory) -> dict:
-    report = _once(tmp_path_factory, "sharded_step", _sharded_step)
+    report = once(tmp_path_factory, "sharded_step", _sharded_step)
     assert name in report, report.get(f"{name}_error")
     return report[name]
 
