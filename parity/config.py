@@ -8,7 +8,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-ACTIVATIONS = ("relu", "gelu")
+ACTIVATIONS = ("relu", "gelu", "silu")
+POSITIONS = ("paper", "marian", "fairseq")
 ARCHS = ("seq2seq", "encoder", "decoder")
 
 
@@ -52,6 +53,12 @@ class TransformerConfig(DictFields):
     `arch`: which family the weights belong to: "seq2seq" (`Transformer`), "encoder" (`EncoderOnly`:
     src_vocab_size, num_encoder_layers) or "decoder" (`DecoderOnly`: tgt_vocab_size, num_decoder_layers).
     `num_classes`: the size of EncoderOnly's classification head (None: no head).
+    `attention_dropout` (on the attention weights) and `activation_dropout` (after the feed-forward
+    activation): None means `dropout`, so one rate drives all three unless they are set.
+    `positions`: the fixed sinusoidal table (`parity.numerics.position_table`): "paper" (interleaved sin/cos,
+    float64), "marian" (transformers' Marian: [sin | cos] halves, rounded to float32) or "fairseq" (FSMT:
+    tensor2tensor frequencies, [sin | cos], row t is fairseq's position pad_id + 1 + t, float32).
+    `scale_embedding`: token embeddings are multiplied by sqrt(d_model) (the paper; Marian's `scale_embedding`).
     """
 
     src_vocab_size: int
@@ -73,6 +80,10 @@ class TransformerConfig(DictFields):
     output_bias: bool = True
     arch: str = "seq2seq"
     num_classes: int | None = None
+    attention_dropout: float | None = None
+    activation_dropout: float | None = None
+    positions: str = "paper"
+    scale_embedding: bool = True
 
     def __post_init__(self) -> None:
         ints = ("src_vocab_size", "tgt_vocab_size", "d_model", "num_heads", "num_encoder_layers",
@@ -95,12 +106,18 @@ class TransformerConfig(DictFields):
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("attention_dropout", "activation_dropout"):
+            value = getattr(self, name)
+            if value is not None and (not is_number(value) or not 0.0 <= value < 1.0):
+                raise ValueError(f"{name} must be None (= dropout) or in [0, 1), got {value!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if not is_number(self.layer_norm_eps) or not self.layer_norm_eps > 0:
             raise ValueError(f"layer_norm_eps must be positive and finite, got {self.layer_norm_eps!r}")
         if not 0 <= self.pad_id < min(self.src_vocab_size, self.tgt_vocab_size):
             raise ValueError(f"pad_id ({self.pad_id}) must be a valid id in both vocabularies "
                              f"(sizes {self.src_vocab_size}, {self.tgt_vocab_size})")
-        for name in ("norm_first", "final_norm", "tie_output", "share_embeddings", "output_bias"):
+        for name in ("norm_first", "final_norm", "tie_output", "share_embeddings", "output_bias", "scale_embedding"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.arch not in ARCHS:
@@ -135,6 +152,20 @@ class TransformerConfig(DictFields):
         if all(getattr(self, k) == v for k, v in changes.items()):
             return self
         return self.replace(**changes)
+
+    @property
+    def attention_dropout_rate(self) -> float:
+        """The dropout rate on attention weights: attention_dropout, or dropout where it is None."""
+        return self.dropout if self.attention_dropout is None else self.attention_dropout
+
+    @property
+    def activation_dropout_rate(self) -> float:
+        """The dropout rate after the feed-forward activation: activation_dropout, or dropout where it is None."""
+        return self.dropout if self.activation_dropout is None else self.activation_dropout
+
+    def without_dropout(self) -> "TransformerConfig":
+        """This config with all three dropout rates 0 (parity, evaluation, decoding)."""
+        return self.replace(dropout=0.0, attention_dropout=None, activation_dropout=None)
 
     @property
     def head_dim(self) -> int:
