@@ -10,8 +10,9 @@ from typing import Mapping
 import numpy as np
 
 from parity.config import TransformerConfig
-from parity.convert import OUTSIDE_STACKS, aliases, flax_to_canonical, from_nn_state_dict, to_numpy
+from parity.convert import aliases, flax_to_canonical, to_numpy
 from parity.formats import DIR_FILES, output_layout, quiet_orbax
+from parity.formats.nn_transformer import OUTSIDE_STACKS, from_nn_state_dict
 from parity.suite import Check, compare_nn_transformer, compare_twins, random_inputs
 
 
@@ -61,7 +62,7 @@ def load_native(dst: str | Path, target: str, cfg: TransformerConfig) -> tuple[d
     else:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     if target == "nn-transformer":
-        from parity.convert import build_nn
+        from parity.formats.nn_transformer import build_nn
 
         module = build_nn(cfg.replace(dropout=0.0)).double()
         module.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith(OUTSIDE_STACKS)},
