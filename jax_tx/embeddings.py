@@ -11,7 +11,7 @@ from flax import linen as nn
 
 from jax_tx.initializers import embedding_std
 from jax_tx.tracing import tracing
-from parity.numerics import sinusoidal_table
+from parity.numerics import position_table
 
 
 def check_token_ids(ids: jnp.ndarray, vocab_size: int) -> None:
@@ -32,7 +32,8 @@ def check_index_range(values: jnp.ndarray, size: int, what: str, bound: str) -> 
 
 
 class TokenEmbedding(nn.Module):
-    """ids (B, L) int -> (B, L, D) = embedding[ids] * sqrt(D).
+    """ids (B, L) int -> (B, L, D) = embedding[ids] * sqrt(D) (times 1 without `scale`). `pad_id` (not None):
+    that row gets no gradient from lookups (torch's nn.Embedding padding_idx).
 
     Out-of-range ids raise ValueError when the ids are concrete (plain `apply`). Under `jax.jit`
     they cannot raise; JAX would clamp the gather silently, so they give NaN rows instead.
@@ -40,6 +41,8 @@ class TokenEmbedding(nn.Module):
 
     vocab_size: int
     d_model: int
+    scale: bool = True
+    pad_id: int | None = None
 
     def setup(self):
         self.embedding = self.param("embedding", nn.initializers.normal(stddev=embedding_std(self.d_model)),
@@ -48,7 +51,9 @@ class TokenEmbedding(nn.Module):
     def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:
         check_token_ids(ids, self.vocab_size)
         x = jnp.take(self.embedding, ids, axis=0, mode="fill", fill_value=jnp.nan)  # [B, L, D]
-        return x * math.sqrt(self.d_model)
+        if self.pad_id is not None:
+            x = jnp.where((ids == self.pad_id)[..., None], jax.lax.stop_gradient(x), x)  # [B, L, D]
+        return x * math.sqrt(self.d_model) if self.scale else x
 
     def attend(self, x: jnp.ndarray) -> jnp.ndarray:
         """x (B, L, D) -> x @ embedding.T (B, L, V), for an output layer tied to this embedding."""
@@ -59,13 +64,16 @@ class PositionalEncoding(nn.Module):
     """x (B, L, D) -> dropout(x + PE[offset:offset + L]), or dropout(x + PE[positions]) with positions (B, L).
     offset + L > max_len, or a concrete position outside [0, max_len), raises ValueError.
 
-    The table is the float64 one of parity.numerics, cast to x's dtype (the torch twin does the same).
+    The table is parity.numerics.position_table(positions, ...) in float64, cast to x's dtype (the torch twin
+    does the same).
     An array `offset` while JAX traces (cached decoding under jit) cannot raise; callers keep it in range.
     """
 
     d_model: int
     max_len: int
     dropout: float
+    positions: str = "paper"
+    pad_id: int = 0
 
     def setup(self):
         self.drop = nn.Dropout(self.dropout)
@@ -74,18 +82,17 @@ class PositionalEncoding(nn.Module):
                  positions: jnp.ndarray | None = None) -> jnp.ndarray:
         """`positions` (B, L) int (packed sequences, per-row offsets) replaces offset..offset + L."""
         length = x.shape[1]
+        full = _table(self.positions, self.max_len, self.d_model, self.pad_id)  # [max_len, D] float64
         if positions is not None:
             check_positions(positions, tuple(x.shape[:2]), self.max_len)
-            table = jnp.asarray(_table(self.max_len, self.d_model), x.dtype)  # [max_len, D]
-            table = jnp.take(table, positions, axis=0, mode="fill", fill_value=jnp.nan)  # [B, L, D]
+            table = jnp.take(jnp.asarray(full, x.dtype), positions, axis=0, mode="fill", fill_value=jnp.nan)  # [B, L, D]
         elif not isinstance(offset, (int, np.integer)) and tracing():
-            table = jax.lax.dynamic_slice_in_dim(jnp.asarray(_table(self.max_len, self.d_model), x.dtype),
-                                                 offset, length)  # [L, D]
+            table = jax.lax.dynamic_slice_in_dim(jnp.asarray(full, x.dtype), offset, length)  # [L, D]
         else:
             offset = int(offset)
             if offset + length > self.max_len:
                 raise ValueError(f"sequence length {offset + length} exceeds max_len {self.max_len}")
-            table = jnp.asarray(_table(self.max_len, self.d_model)[offset:offset + length], dtype=x.dtype)  # [L, D]
+            table = jnp.asarray(full[offset:offset + length], dtype=x.dtype)  # [L, D]
         return self.drop(x + table, deterministic=deterministic)  # [B, L, D]
 
 
@@ -97,10 +104,11 @@ def check_positions(positions: jnp.ndarray, expected: tuple[int, ...], max_len: 
     check_index_range(positions, max_len, "positions", f"max_len={max_len}")
 
 
-_TABLES: dict[tuple[int, int], np.ndarray] = {}
+_TABLES: dict[tuple[str, int, int, int], np.ndarray] = {}
 
 
-def _table(max_len: int, d_model: int) -> np.ndarray:
-    if (max_len, d_model) not in _TABLES:
-        _TABLES[(max_len, d_model)] = sinusoidal_table(max_len, d_model)
-    return _TABLES[(max_len, d_model)]  # [max_len, D]
+def _table(positions: str, max_len: int, d_model: int, pad_id: int) -> np.ndarray:
+    key = (positions, max_len, d_model, pad_id)
+    if key not in _TABLES:
+        _TABLES[key] = position_table(*key)
+    return _TABLES[key]  # [max_len, D]

@@ -7,9 +7,12 @@ from flax import linen as nn
 
 from jax_tx.initializers import linear
 
+ACTIVATIONS = {"relu": nn.relu, "gelu": lambda h: nn.gelu(h, approximate=False), "silu": nn.silu}
+
 
 class FeedForward(nn.Module):
-    """x (B, L, D) -> (B, L, D); activation "relu" or "gelu" (exact erf form, not flax's tanh default)."""
+    """x (B, L, D) -> (B, L, D); activation "relu", "gelu" (exact erf form, not flax's tanh default) or "silu"
+    (x * sigmoid(x)); `dropout` is the rate after the activation (the config's activation_dropout_rate)."""
 
     d_model: int
     d_ff: int
@@ -23,5 +26,5 @@ class FeedForward(nn.Module):
 
     def __call__(self, x: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
         h = self.linear1(x)  # [B, L, F]
-        h = nn.relu(h) if self.activation == "relu" else nn.gelu(h, approximate=False)
+        h = ACTIVATIONS[self.activation](h)  # [B, L, F]
         return self.linear2(self.drop(h, deterministic=deterministic))  # [B, L, D]

@@ -34,9 +34,9 @@ class EncoderLayer(nn.Module):
     def setup(self):
         cfg = self.cfg
         self.norm_first = cfg.norm_first
-        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.num_heads, cfg.dropout)
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.num_heads, cfg.attention_dropout_rate)
         self.self_attn_norm = layer_norm(cfg)
-        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, cfg.activation)
+        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation_dropout_rate, cfg.activation)
         self.ff_norm = layer_norm(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -66,12 +66,12 @@ class DecoderLayer(nn.Module):
     def setup(self):
         cfg = self.cfg
         self.norm_first = cfg.norm_first
-        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.num_heads, cfg.dropout)
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.num_heads, cfg.attention_dropout_rate)
         self.self_attn_norm = layer_norm(cfg)
         if self.cross_attention:
-            self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.num_heads, cfg.dropout)
+            self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.num_heads, cfg.attention_dropout_rate)
             self.cross_attn_norm = layer_norm(cfg)
-        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, cfg.activation)
+        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation_dropout_rate, cfg.activation)
         self.ff_norm = layer_norm(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 

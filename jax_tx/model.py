@@ -10,8 +10,8 @@ from flax import linen as nn
 from jax_tx.embeddings import PositionalEncoding, TokenEmbedding
 from jax_tx.layers import DecoderLayer, EncoderLayer, layer_norm
 from jax_tx.initializers import linear
-from jax_tx.masks import (causal_mask, check_padding_mask, check_segments, key_mask, padding_mask, segment_mask,
-                          self_attention_masks)
+from jax_tx.masks import (causal_mask, check_padding_mask, check_segments, first_position_real, key_mask, padding_mask,
+                          segment_mask, self_attention_masks)
 from jax_tx.tracing import tracing
 from parity.config import TransformerConfig
 
@@ -103,10 +103,10 @@ class Transformer(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.src_embed = TokenEmbedding(cfg.src_vocab_size, cfg.d_model)
+        self.src_embed = token_embedding(cfg, cfg.src_vocab_size)
         self.tgt_embed = (self.src_embed if cfg.share_embeddings
-                          else TokenEmbedding(cfg.tgt_vocab_size, cfg.d_model))
-        self.pos_encoding = PositionalEncoding(cfg.d_model, cfg.max_len, cfg.dropout)
+                          else token_embedding(cfg, cfg.tgt_vocab_size))
+        self.pos_encoding = PositionalEncoding(cfg.d_model, cfg.max_len, cfg.dropout, cfg.positions, cfg.pad_id)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.generator = Generator(cfg.tgt_vocab_size, cfg.output_bias, cfg.tie_output)
@@ -196,8 +196,8 @@ class EncoderOnly(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.src_embed = TokenEmbedding(cfg.src_vocab_size, cfg.d_model)
-        self.pos_encoding = PositionalEncoding(cfg.d_model, cfg.max_len, cfg.dropout)
+        self.src_embed = token_embedding(cfg, cfg.src_vocab_size)
+        self.pos_encoding = PositionalEncoding(cfg.d_model, cfg.max_len, cfg.dropout, cfg.positions, cfg.pad_id)
         self.encoder = Encoder(cfg)
         if cfg.num_classes is not None:
             self.pooler = linear(cfg.d_model)
@@ -242,8 +242,8 @@ class DecoderOnly(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.tgt_embed = TokenEmbedding(cfg.tgt_vocab_size, cfg.d_model)
-        self.pos_encoding = PositionalEncoding(cfg.d_model, cfg.max_len, cfg.dropout)
+        self.tgt_embed = token_embedding(cfg, cfg.tgt_vocab_size)
+        self.pos_encoding = PositionalEncoding(cfg.d_model, cfg.max_len, cfg.dropout, cfg.positions, cfg.pad_id)
         self.decoder = Decoder(cfg, cross_attention=False)
         self.generator = Generator(cfg.tgt_vocab_size, cfg.output_bias, cfg.tie_output)
 
@@ -273,6 +273,12 @@ class DecoderOnly(nn.Module):
                            tgt_positions=tgt_positions)  # [B, T, V]
 
 
+def token_embedding(cfg: TransformerConfig, vocab_size: int) -> TokenEmbedding:
+    """A TokenEmbedding as the config says: scaled by sqrt(D) or not, the pad row frozen or not."""
+    return TokenEmbedding(vocab_size, cfg.d_model, cfg.scale_embedding,
+                          cfg.pad_id if cfg.freeze_pad_embedding else None)
+
+
 def model_for(cfg: TransformerConfig) -> nn.Module:
     """The model of cfg.arch: Transformer, EncoderOnly (with cfg.num_classes) or DecoderOnly."""
     return {"seq2seq": Transformer, "encoder": EncoderOnly, "decoder": DecoderOnly}[cfg.arch](cfg)
@@ -298,7 +304,7 @@ def run_decoder(model: nn.Module, tgt: jnp.ndarray, memory: jnp.ndarray | None, 
                 deterministic: bool) -> jnp.ndarray:
     """Embed tgt (B, T), run model.decoder (causal) and the output layer -> logits (B, T, V)."""
     _, self_mask, _, positions = self_attention_masks(tgt, model.cfg.pad_id, tgt_mask, tgt_segments, tgt_positions,
-                                                      True, "tgt")  # self_mask [B, 1, T, T]
+                                                      True, "tgt", model.cfg.arch == "seq2seq")  # [B, 1, T, T]
     y = model.pos_encoding(model.tgt_embed(tgt), deterministic=deterministic, positions=positions)  # [B, T, D]
     y = model.decoder(y, memory, self_mask, cross_mask, deterministic=deterministic)  # [B, T, D]
     return model.generator(y, model.tgt_embed)  # [B, T, V]
@@ -316,6 +322,8 @@ def decode_cached(model: nn.Module, tgt: jnp.ndarray, tgt_mask: jnp.ndarray | No
     index, (b, t), (cache_b, length) = cache["index"], tgt.shape, cache["tgt_mask"].shape
     _check_cache_call(b, cache_b, index, t, length)
     tgt_pad = padding_mask(tgt, model.cfg.pad_id, tgt_mask, "tgt_mask")  # [B, T]
+    if tgt_mask is None and model.cfg.arch == "seq2seq":
+        tgt_pad = first_position_real(tgt_pad, index)  # [B, T]
     keys = jax.lax.dynamic_update_slice_in_dim(cache["tgt_mask"], tgt_pad, index, axis=1)  # [B, L]
     self_mask = key_mask(keys) & causal_mask(t, index, length)  # [B, 1, T, L]
     cross_mask = key_mask(cache["src_mask"]) if "src_mask" in cache else None  # [B, 1, 1, S]

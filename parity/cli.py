@@ -69,8 +69,14 @@ def cmd_parity(args: argparse.Namespace) -> int:
             loaded = read_checkpoint(args.run_dir, config=args.config)
         except (FormatError, ConversionError) as e:
             raise SystemExit(f"twin parity: {e}") from None
-        cfg, weights = loaded.cfg.replace(dropout=0.0), loaded.weights
+        cfg, weights = loaded.cfg.without_dropout(), loaded.weights
         jobs = [(os.path.basename(os.path.normpath(args.run_dir)), cfg, weights, source) for source in TWINS]
+        if loaded.container in ("hf-marian", "fsmt"):
+            from parity.hf_reference import reference_rows
+
+            label = f"{jobs[0][0]} {config_label(cfg)}"
+            rows += [(label, c) for c in reference_rows(args.run_dir, cfg, weights, dtypes, max(args.batch, 1),
+                                                          min(cfg.max_len, args.length), rng)]
     else:
         jobs = []
         for i in range(args.configs):
@@ -257,7 +263,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
         _convert_extras(args, dst_container)
         loaded = read_checkpoint(args.src, config=args.config, allow_nonfinite=args.allow_nonfinite)
         weights = cast(loaded.weights, args.dtype)
-        write_checkpoint(args.dst, args.to, loaded.cfg, weights, force=args.force, companions=loaded.companions)
+        special = None
+        if loaded.container in ("hf-marian", "fsmt"):
+            from parity.formats.hf_dir import special_ids
+
+            special = special_ids(args.src)
+        write_checkpoint(args.dst, args.to, loaded.cfg, weights, force=args.force, companions=loaded.companions,
+                         special_ids=special)
     except (FormatError, ConversionError) as e:
         print(f"twin convert: error: {e}", file=sys.stderr)
         return 1
@@ -355,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default {defaults.bucket_sides})")
     t.add_argument("--out", required=True, help="run directory (new, or an existing run with --resume)")
     t.add_argument("--steps", type=int, default=defaults.steps, help=f"total updates (default {defaults.steps})")
-    t.add_argument("--config", default="small", help="model preset (tiny, small, base) or a JSON file of "
+    t.add_argument("--config", default="small", help="model preset (tiny, small, base, marian) or a JSON file of "
                    "TransformerConfig fields (default small)")
     t.add_argument("--seed", type=int, default=defaults.seed)
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
@@ -435,9 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "torch.load(weights_only=True) only; writes are atomic.")
     v.add_argument("src", metavar="SRC")
     v.add_argument("dst", metavar="DST")
-    v.add_argument("--to", required=True, choices=("torch", "flax", "safetensors", "nn-transformer"),
+    v.add_argument("--to", required=True, choices=("torch", "flax", "safetensors", "nn-transformer", "hf-marian"),
                    help="nn-transformer: torch.nn.Transformer names (nn.TransformerEncoder's for an encoder; "
-                   "not for a decoder-only model)")
+                   "not for a decoder-only model); hf-marian: a directory transformers loads (MarianMTModel, "
+                   "its tokenizer, generation_config.json), for configs in Marian's layout (--config marian)")
     v.add_argument("--verify", action="store_true", help="load DST with the target framework and run the parity "
                    "checks of twin parity on it")
     v.add_argument("--force", action="store_true", help="replace an existing DST")

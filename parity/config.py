@@ -59,6 +59,8 @@ class TransformerConfig(DictFields):
     float64), "marian" (transformers' Marian: [sin | cos] halves, rounded to float32) or "fairseq" (FSMT:
     tensor2tensor frequencies, [sin | cos], row t is fairseq's position pad_id + 1 + t, float32).
     `scale_embedding`: token embeddings are multiplied by sqrt(d_model) (the paper; Marian's `scale_embedding`).
+    `freeze_pad_embedding`: the pad_id row of the token embeddings gets no gradient from lookups (torch's
+    nn.Embedding(padding_idx), which transformers' Marian and FSMT use); the forward pass is unchanged.
     """
 
     src_vocab_size: int
@@ -84,6 +86,7 @@ class TransformerConfig(DictFields):
     activation_dropout: float | None = None
     positions: str = "paper"
     scale_embedding: bool = True
+    freeze_pad_embedding: bool = False
 
     def __post_init__(self) -> None:
         ints = ("src_vocab_size", "tgt_vocab_size", "d_model", "num_heads", "num_encoder_layers",
@@ -117,7 +120,8 @@ class TransformerConfig(DictFields):
         if not 0 <= self.pad_id < min(self.src_vocab_size, self.tgt_vocab_size):
             raise ValueError(f"pad_id ({self.pad_id}) must be a valid id in both vocabularies "
                              f"(sizes {self.src_vocab_size}, {self.tgt_vocab_size})")
-        for name in ("norm_first", "final_norm", "tie_output", "share_embeddings", "output_bias", "scale_embedding"):
+        for name in ("norm_first", "final_norm", "tie_output", "share_embeddings", "output_bias", "scale_embedding",
+                     "freeze_pad_embedding"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.arch not in ARCHS:

@@ -218,6 +218,8 @@ ELSEWHERE = {name: "parity.formats.nn_transformer" for name in (
     "OUTSIDE_STACKS", "stack_shapes", "nn_name", "nn_key_map", "from_nn_state_dict", "to_nn_state_dict",
     "from_nn_transformer", "from_nn_encoder", "build_nn_encoder", "build_nn_transformer", "build_nn",
     "to_nn_transformer")}
+ELSEWHERE.update({"from_hf_marian": "parity.formats.hf_marian", "to_hf_marian": "parity.formats.hf_marian",
+                  "from_hf_fsmt": "parity.formats.fsmt"})
 
 
 def __getattr__(name: str) -> Any:

@@ -27,6 +27,7 @@ class Extra:
 EXTRAS = {
     "torch": Extra("PyTorch", ("torch",)),
     "jax": Extra("JAX/Flax", ("jax", "jaxlib", "flax", "optax")),
+    "hf": Extra("Hugging Face transformers", ("torch", "transformers", "sentencepiece")),
 }
 FRAMEWORKS = ("torch", "jax")  # the values of --framework, each the name of its extra, in order of preference
 CONTAINER_EXTRAS = {"torch": "torch", "msgpack": "jax", "orbax": "jax"}  # checkpoint container -> extra it needs

@@ -64,6 +64,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=32, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, d_ff=64, max_len=64),
     "small": dict(d_model=128, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, d_ff=512, max_len=128),
     "base": dict(d_model=512, num_heads=8, num_encoder_layers=6, num_decoder_layers=6, d_ff=2048, max_len=256),
+    # Hugging Face Marian's layout at small's sizes: `twin convert RUN OUT --to hf-marian` exports it.
+    "marian": dict(d_model=128, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, d_ff=512, max_len=128,
+                   activation="silu", final_norm=False, positions="marian", share_embeddings=True, tie_output=True,
+                   output_bias=True, scale_embedding=True, attention_dropout=0.0, activation_dropout=0.0),
 }
 
 

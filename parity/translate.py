@@ -150,7 +150,7 @@ def read_run_dir(run_dir: str | os.PathLike) -> tuple[TransformerConfig, dict[st
                              f"are {cfg.src_vocab_size} / {cfg.tgt_vocab_size}")
     weights = {k: v.astype(np.float32) if v.dtype.kind == "f" or v.dtype.name == "bfloat16" else v
                for k, v in weights.items()}
-    return cfg.replace(dropout=0.0), weights, tokenizer
+    return cfg.without_dropout(), weights, tokenizer
 
 
 class Attention(NamedTuple):

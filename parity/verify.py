@@ -64,7 +64,7 @@ def load_native(dst: str | Path, target: str, cfg: TransformerConfig) -> tuple[d
     if target == "nn-transformer":
         from parity.formats.nn_transformer import build_nn
 
-        module = build_nn(cfg.replace(dropout=0.0)).double()
+        module = build_nn(cfg.without_dropout()).double()
         module.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith(OUTSIDE_STACKS)},
                                strict=True)
         return from_nn_state_dict(state_dict, cfg), module
@@ -88,7 +88,7 @@ def verify(dst: str | Path, target: str, cfg: TransformerConfig, expected: Mappi
     dtypes = "/".join(sorted({str(expected[k].dtype) for k in keys}))
     rows = [Check(f"{target} reload bit-exact ({len(keys)} tensors)", dtypes, 0.0, 0.0 if exact else float("inf"),
                   0.0)]
-    cfg = cfg.replace(dropout=0.0)
+    cfg = cfg.without_dropout()
     rng = np.random.default_rng(seed)
     length = min(cfg.max_len, 7)
     inputs = random_inputs(cfg, 3, length, length, rng, empty_source_row=True)

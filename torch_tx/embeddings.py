@@ -5,39 +5,44 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from parity.numerics import sinusoidal_table
+from parity.numerics import position_table
 from torch_tx.initializers import embedding_std
 
 
 class TokenEmbedding(nn.Module):
-    """ids (B, L) int -> (B, L, D) = weight[ids] * sqrt(D). Out-of-range ids raise ValueError."""
+    """ids (B, L) int -> (B, L, D) = weight[ids] * sqrt(D) (times 1 without `scale`). Out-of-range ids raise
+    ValueError. `pad_id` (not None): that row gets no gradient from lookups (nn.Embedding's padding_idx)."""
 
-    def __init__(self, vocab_size: int, d_model: int):
+    def __init__(self, vocab_size: int, d_model: int, scale: bool = True, pad_id: int | None = None):
         super().__init__()
         self.vocab_size = vocab_size
         self.d_model = d_model
+        self.scale = scale
+        self.pad_id = pad_id
         self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
         nn.init.normal_(self.weight, std=embedding_std(d_model))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         check_index_range(ids, self.vocab_size, "token ids", str(self.vocab_size))
-        return self.weight[ids] * math.sqrt(self.d_model)  # [B, L, D]
+        x = self.weight[ids] if self.pad_id is None else F.embedding(ids, self.weight, padding_idx=self.pad_id)  # [B, L, D]
+        return x * math.sqrt(self.d_model) if self.scale else x
 
 
 class PositionalEncoding(nn.Module):
     """x (B, L, D) -> dropout(x + PE[offset:offset + L]), or dropout(x + PE[positions]) with positions (B, L).
     offset + L > max_len, or a position outside [0, max_len), raises ValueError.
 
-    The table is the float64 one of parity.numerics, cast per (device, dtype) and cached, so that
-    float64 runs use it at full precision whatever dtype the module was cast through before.
+    The table is parity.numerics.position_table(positions, ...) in float64, cast per (device, dtype) and
+    cached, so that float64 runs use it at full precision whatever dtype the module was cast through before.
     """
 
-    def __init__(self, d_model: int, max_len: int, dropout: float):
+    def __init__(self, d_model: int, max_len: int, dropout: float, positions: str = "paper", pad_id: int = 0):
         super().__init__()
         self.max_len = max_len
-        self._table64 = sinusoidal_table(max_len, d_model)  # [max_len, D]
+        self._table64 = position_table(positions, max_len, d_model, pad_id)  # [max_len, D]
         self._cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self.drop = nn.Dropout(dropout)
 

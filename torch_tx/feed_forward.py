@@ -8,9 +8,12 @@ from torch import nn
 
 from torch_tx.initializers import linear
 
+ACTIVATIONS = {"relu": F.relu, "gelu": lambda h: F.gelu(h, approximate="none"), "silu": F.silu}
+
 
 class FeedForward(nn.Module):
-    """x (B, L, D) -> (B, L, D); activation "relu" or "gelu" (exact erf form)."""
+    """x (B, L, D) -> (B, L, D); activation "relu", "gelu" (exact erf form) or "silu" (x * sigmoid(x));
+    `dropout` is the rate after the activation (the config's activation_dropout_rate)."""
 
     def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str):
         super().__init__()
@@ -21,5 +24,5 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.linear1(x)  # [B, L, F]
-        h = F.relu(h) if self.activation == "relu" else F.gelu(h, approximate="none")
+        h = ACTIVATIONS[self.activation](h)  # [B, L, F]
         return self.linear2(self.drop(h))  # [B, L, D]

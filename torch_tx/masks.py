@@ -22,6 +22,12 @@ def check_padding_mask(mask: torch.Tensor, expected: tuple[int, ...], name: str)
     return mask
 
 
+def first_position_real(pad: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """A derived (B, T) decoder padding mask for positions offset.. with position 0 real: the encoder-decoder's
+    first decoder input is the decoder start, never padding, even where it is the pad id (Marian's is)."""
+    return pad | (offset + torch.arange(pad.shape[1], device=pad.device) == 0)[None, :]  # [B, T]
+
+
 def key_mask(pad_mask: torch.Tensor) -> torch.Tensor:
     """(B, L) padding mask -> (B, 1, 1, L) attention mask over keys."""
     return pad_mask[:, None, None, :]  # [B, 1, 1, L]
@@ -44,14 +50,18 @@ def decoder_self_mask(tgt_pad: torch.Tensor) -> torch.Tensor:
 
 
 def self_attention_masks(ids: torch.Tensor, pad_id: int, mask: torch.Tensor | None, segments: torch.Tensor | None,
-                         positions: torch.Tensor | None, causal: bool, name: str):
+                         positions: torch.Tensor | None, causal: bool, name: str,
+                         first_real: bool = False):
     """What a stack's self-attention needs for ids (B, L), built once: (padding mask (B, L), attention mask
     (B, 1, L|1, L), segments (B, L) or None, positions (B, L) or None).
 
     With `segments` (packed rows, 0 = padding) attention stays inside each segment and, unless given,
-    positions restart at each segment. `name` ("src"/"tgt") names the arguments in errors.
+    positions restart at each segment. `name` ("src"/"tgt") names the arguments in errors. `first_real`: a
+    mask derived from pad ids keeps position 0 real (`first_position_real`; the encoder-decoder's decoder).
     """
     pad = padding_mask(ids, pad_id, mask, f"{name}_mask")  # [B, L]
+    if first_real and mask is None:
+        pad = first_position_real(pad)  # [B, L]
     attn = key_mask(pad)  # [B, 1, 1, L]
     if segments is not None:
         segments = check_segments(segments, tuple(ids.shape), f"{name}_segments").to(ids.device)  # [B, L]

@@ -10,8 +10,8 @@ from parity.config import TransformerConfig
 from torch_tx.embeddings import PositionalEncoding, TokenEmbedding
 from torch_tx.initializers import linear
 from torch_tx.layers import DecoderLayer, EncoderLayer
-from torch_tx.masks import (causal_mask, check_padding_mask, check_segments, key_mask, padding_mask, segment_mask,
-                            self_attention_masks)
+from torch_tx.masks import (causal_mask, check_padding_mask, check_segments, first_position_real, key_mask, padding_mask,
+                            segment_mask, self_attention_masks)
 
 
 class Encoder(nn.Module):
@@ -69,10 +69,10 @@ class Transformer(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg = _arch_config(cfg, "seq2seq")
-        self.src_embed = TokenEmbedding(cfg.src_vocab_size, cfg.d_model)
+        self.src_embed = token_embedding(cfg, cfg.src_vocab_size)
         self.tgt_embed = (self.src_embed if cfg.share_embeddings
-                          else TokenEmbedding(cfg.tgt_vocab_size, cfg.d_model))
-        self.pos_encoding = PositionalEncoding(cfg.d_model, cfg.max_len, cfg.dropout)
+                          else token_embedding(cfg, cfg.tgt_vocab_size))
+        self.pos_encoding = PositionalEncoding(cfg.d_model, cfg.max_len, cfg.dropout, cfg.positions, cfg.pad_id)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.generator = linear(cfg.d_model, cfg.tgt_vocab_size, bias=cfg.output_bias)
@@ -155,8 +155,8 @@ class EncoderOnly(nn.Module):
         super().__init__()
         self.cfg = cfg = _arch_config(cfg, "encoder", num_classes)
         self.num_classes = cfg.num_classes
-        self.src_embed = TokenEmbedding(cfg.src_vocab_size, cfg.d_model)
-        self.pos_encoding = PositionalEncoding(cfg.d_model, cfg.max_len, cfg.dropout)
+        self.src_embed = token_embedding(cfg, cfg.src_vocab_size)
+        self.pos_encoding = PositionalEncoding(cfg.d_model, cfg.max_len, cfg.dropout, cfg.positions, cfg.pad_id)
         self.encoder = Encoder(cfg)
         if cfg.num_classes is not None:
             self.pooler = linear(cfg.d_model, cfg.d_model)
@@ -195,8 +195,8 @@ class DecoderOnly(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg = _arch_config(cfg, "decoder")
-        self.tgt_embed = TokenEmbedding(cfg.tgt_vocab_size, cfg.d_model)
-        self.pos_encoding = PositionalEncoding(cfg.d_model, cfg.max_len, cfg.dropout)
+        self.tgt_embed = token_embedding(cfg, cfg.tgt_vocab_size)
+        self.pos_encoding = PositionalEncoding(cfg.d_model, cfg.max_len, cfg.dropout, cfg.positions, cfg.pad_id)
         self.decoder = Decoder(cfg, cross_attention=False)
         self.generator = linear(cfg.d_model, cfg.tgt_vocab_size, bias=cfg.output_bias)
         if cfg.tie_output:
@@ -227,6 +227,12 @@ class DecoderOnly(nn.Module):
         return self.decode(tgt, tgt_mask, tgt_segments=tgt_segments, tgt_positions=tgt_positions)  # [B, T, V]
 
 
+def token_embedding(cfg: TransformerConfig, vocab_size: int) -> TokenEmbedding:
+    """A TokenEmbedding as the config says: scaled by sqrt(D) or not, the pad row frozen or not."""
+    return TokenEmbedding(vocab_size, cfg.d_model, cfg.scale_embedding,
+                          cfg.pad_id if cfg.freeze_pad_embedding else None)
+
+
 def model_for(cfg: TransformerConfig) -> nn.Module:
     """The model of cfg.arch: Transformer, EncoderOnly (with cfg.num_classes) or DecoderOnly."""
     return {"seq2seq": Transformer, "encoder": EncoderOnly, "decoder": DecoderOnly}[cfg.arch](cfg)
@@ -247,7 +253,7 @@ def run_decoder(model: nn.Module, tgt: torch.Tensor, memory: torch.Tensor | None
                 tgt_positions: torch.Tensor | None) -> torch.Tensor:
     """Embed tgt (B, T), run model.decoder (causal) and the output layer -> logits (B, T, V)."""
     _, self_mask, _, positions = self_attention_masks(tgt, model.cfg.pad_id, tgt_mask, tgt_segments, tgt_positions,
-                                                      True, "tgt")  # self_mask [B, 1, T, T]
+                                                      True, "tgt", model.cfg.arch == "seq2seq")  # [B, 1, T, T]
     y = model.pos_encoding(model.tgt_embed(tgt), positions=positions)  # [B, T, D]
     y = model.decoder(y, memory, self_mask, cross_mask)  # [B, T, D]
     return model.generator(y)  # [B, T, V]
@@ -264,7 +270,10 @@ def decode_cached(model: nn.Module, tgt: torch.Tensor, tgt_mask: torch.Tensor | 
     index, (b, t), (cache_b, length) = cache["index"], tgt.shape, cache["tgt_mask"].shape
     _check_cache_call(b, cache_b, index, t, length)
     end = index + t
-    cache["tgt_mask"][:, index:end] = padding_mask(tgt, model.cfg.pad_id, tgt_mask, "tgt_mask")  # [B, T]
+    tgt_pad = padding_mask(tgt, model.cfg.pad_id, tgt_mask, "tgt_mask")  # [B, T]
+    if tgt_mask is None and model.cfg.arch == "seq2seq":
+        tgt_pad = first_position_real(tgt_pad, index)  # [B, T]
+    cache["tgt_mask"][:, index:end] = tgt_pad
     self_mask = key_mask(cache["tgt_mask"][:, :end]) & causal_mask(t, tgt.device, offset=index)  # [B, 1, T, end]
     cross_mask = key_mask(cache["src_mask"]) if "src_mask" in cache else None  # [B, 1, 1, S]
     y = model.pos_encoding(model.tgt_embed(tgt), offset=index, positions=tgt_positions)  # [B, T, D]

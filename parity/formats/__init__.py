@@ -60,11 +60,11 @@ __all__ = ["COMPANIONS", "DETECTION", "DIR_FILES", "FILE_SUFFIXES", "Format", "F
            "guess_arch", "load_config_file", "output_layout", "quiet_orbax", "read_checkpoint", "read_weight_file",
            "return_large_frees_to_os", "write_checkpoint"]
 
-TARGETS = ("torch", "flax", "safetensors", nn_transformer.TARGET)
+TARGETS = ("torch", "flax", "safetensors", nn_transformer.TARGET, "hf-marian")
 FILE_SUFFIXES = {safetensors.SUFFIX: "safetensors", msgpack.SUFFIX: "msgpack", **{s: "torch" for s in TORCH_SUFFIXES}}
 # target -> file containers it may write, by DST suffix
 TARGET_CONTAINERS = {"safetensors": ("safetensors",), "torch": ("torch",), "nn-transformer": ("torch", "safetensors"),
-                     "flax": ("msgpack",)}
+                     "flax": ("msgpack",), "hf-marian": ()}
 DIR_FILES = {"safetensors": "model.safetensors", "torch": "pytorch_model.bin", "nn-transformer": "nn_transformer.pt"}
 COMPANIONS = ("tokenizer.json",)  # copied from a SRC directory into a DST directory
 
@@ -116,8 +116,28 @@ def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
     return safetensors.read(path, SAFETENSORS_MAX_HEADER)
 
 
+def _hf_type(path: Path) -> str | None:
+    from parity.formats.hf_dir import hf_config
+
+    return (hf_config(path) or {}).get("model_type")
+
+
+def _load_hf(path: Path, config: Any, allow_nonfinite: bool) -> Loaded:
+    """A Hugging Face directory (hf_dir): its own config.json says what the model is; --config cannot."""
+    from parity.formats.hf_dir import read_hf_dir
+
+    if config is not None:
+        raise _fail(path, "is a Hugging Face model directory, whose config.json describes the model: "
+                    "drop --config")
+    loaded = read_hf_dir(path)
+    _check_dtypes(iter(loaded.weights.items()), loaded.path, allow_nonfinite)
+    return loaded
+
+
 # First match wins, directories and files each in this order. Adding a format: one row, one module.
 DETECTION: tuple[Format, ...] = (
+    Format("hf-marian", "directory", lambda p: _hf_type(p) == "marian", load=_load_hf),
+    Format("fsmt", "directory", lambda p: _hf_type(p) == "fsmt", load=_load_hf),
     Format("orbax", "directory", orbax.is_checkpoint, orbax.read, flax=True),
     Format("torch", "file", torch_pt.is_zip, torch_pt.read),
     Format("safetensors", "file", safetensors.is_safetensors, _read_safetensors),
@@ -313,6 +333,8 @@ def output_layout(dst: str | os.PathLike, target: str) -> tuple[str, bool]:
             raise FormatError(f"{dst}: --to {target} writes {', '.join(allowed)} files or a directory, "
                               f"not {suffix}")
         return container, True
+    if target == "hf-marian":
+        return "hf-marian", False
     return ("orbax" if target == "flax" else FILE_SUFFIXES[Path(DIR_FILES[target]).suffix]), False
 
 
@@ -353,15 +375,23 @@ def check_destination(dst: str | os.PathLike, target: str, force: bool,
 
 def write_checkpoint(dst: str | os.PathLike, target: str, cfg: TransformerConfig,
                      weights: Mapping[str, np.ndarray], force: bool = False,
-                     companions: list[Path] | None = None) -> Path:
+                     companions: list[Path] | None = None, special_ids: Mapping[str, int] | None = None) -> Path:
     """Write canonical weights as `target` at `dst` (a file by suffix, else a directory), atomically. A write
     that fails (a full disk, ...) is a FormatError "cannot write DST[/FILE]: REASON"; nothing is left behind
-    and an existing `dst` is untouched. A disk without room for the tensors is refused before writing."""
+    and an existing `dst` is untouched. A disk without room for the tensors is refused before writing.
+    `special_ids` (pad_id, eos_id, decoder_start_id): the tokenizer's, for --to hf-marian's config."""
     dst = Path(dst)
     container, is_file = check_destination(dst, target, force)
     if target == nn_transformer.TARGET:
         nn_transformer.check_target(dst, cfg)
     check_canonical(weights, cfg)
+    if target == "hf-marian":
+        from parity.formats.hf_marian import MarianError, marian_config_fields
+
+        try:
+            marian_config_fields(cfg, eos_id=0)
+        except MarianError as e:
+            raise FormatError(f"{dst}: {e}") from None
     _check_space(dst, weights, _free_bytes)  # this package's _free_bytes, which tests replace
     try:
         tmp = _temp_name(dst)
@@ -373,10 +403,16 @@ def write_checkpoint(dst: str | os.PathLike, target: str, cfg: TransformerConfig
             os.chmod(tmp, 0o666 & ~_umask())
         elif container == "orbax":
             _write_container(tmp, container, target, cfg, weights)
+        elif target == "hf-marian":
+            from parity.formats.hf_dir import write_marian
+
+            tmp.mkdir()
+            write_marian(tmp, cfg, weights, list(companions or ()), special_ids)
+            os.chmod(tmp, 0o777 & ~_umask())
         else:
             tmp.mkdir()
             _write_container(tmp / DIR_FILES[target], container, target, cfg, weights)
-        if not is_file:
+        if not is_file and target != "hf-marian":
             atomic_write_bytes(tmp / CONFIG_FILE, cfg.to_json().encode())
             for companion in companions or ():
                 shutil.copyfile(companion, tmp / companion.name)
