@@ -263,11 +263,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         _convert_extras(args, dst_container)
         loaded = read_checkpoint(args.src, config=args.config, allow_nonfinite=args.allow_nonfinite)
         weights = cast(loaded.weights, args.dtype)
-        special = None
-        if loaded.container in ("hf-marian", "fsmt"):
-            from parity.formats.hf_dir import special_ids
+        from parity.formats.hf_dir import companion_special_ids, special_ids
 
-            special = special_ids(args.src)
+        special = (special_ids(args.src) if loaded.container in ("hf-marian", "fsmt")
+                   else companion_special_ids(loaded.companions))
         write_checkpoint(args.dst, args.to, loaded.cfg, weights, force=args.force, companions=loaded.companions,
                          special_ids=special)
     except (FormatError, ConversionError) as e:

@@ -61,3 +61,14 @@ def test_differing_encoder_and_decoder_sizes_are_refused_by_field(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(FormatError, match="encoder_ffn_dim .* != decoder_ffn_dim"):
         read_hf_dir(tmp_path)
+
+
+def test_greedy_tokens_equal_transformers_generate():
+    from parity.hf_reference import compare_greedy
+
+    model = fsmt_model(7)
+    cfg, weights = fsmt.from_hf_fsmt(model)
+    inputs = reference_inputs(cfg, 2, 4, 7, 2, np.random.default_rng(7))
+    rows = compare_greedy(model, cfg, weights, inputs.src, inputs.src_mask, fsmt.special_ids(model.config.to_dict()),
+                          12, "fsmt")
+    assert len(rows) == 2 and all(r.passed for r in rows), rows

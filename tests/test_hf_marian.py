@@ -164,3 +164,22 @@ def test_export_refuses_what_marian_cannot_express(change, field):
 def test_the_fixture_is_what_opus_mt_configs_say():
     cfg = marian_config()
     assert cfg.activation_function == "swish" and cfg.scale_embedding and cfg.pad_token_id == cfg.vocab_size - 1
+
+
+@settings(max_examples=4)
+@given(seed=st.integers(0, 2**16), bias_to_pad=st.booleans())
+def test_greedy_tokens_equal_transformers_generate(seed, bias_to_pad):
+    """generate(num_beams=1) with the checkpoint's generation config (bad_words_ids [[pad]], forced EOS at
+    the last step) against both twins' greedy search; with bias_to_pad the logits favour pad, which neither
+    may emit."""
+    from parity.hf_reference import compare_greedy
+
+    model = marian_model(seed)
+    if bias_to_pad:
+        with torch.no_grad():
+            model.final_logits_bias[0, model.config.pad_token_id] += 50.0
+    cfg, weights = convert.from_hf_marian(model)
+    rng = np.random.default_rng(seed)
+    inputs = reference_inputs(cfg, model.config.decoder_start_token_id, 4, 7, 2, rng)
+    ids = {"pad_id": cfg.pad_id, "eos_id": 0, "decoder_start_id": model.config.decoder_start_token_id}
+    _assert_all_pass(compare_greedy(model, cfg, weights, inputs.src, inputs.src_mask, ids, 12, "marian"))

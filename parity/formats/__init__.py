@@ -66,7 +66,10 @@ FILE_SUFFIXES = {safetensors.SUFFIX: "safetensors", msgpack.SUFFIX: "msgpack", *
 TARGET_CONTAINERS = {"safetensors": ("safetensors",), "torch": ("torch",), "nn-transformer": ("torch", "safetensors"),
                      "flax": ("msgpack",), "hf-marian": ()}
 DIR_FILES = {"safetensors": "model.safetensors", "torch": "pytorch_model.bin", "nn-transformer": "nn_transformer.pt"}
-COMPANIONS = ("tokenizer.json",)  # copied from a SRC directory into a DST directory
+# copied from a SRC directory into a DST directory: the project's tokenizer, a Hugging Face tokenizer's files and
+# generation_config.json (the decoder start and eos ids of an imported model)
+COMPANIONS = ("tokenizer.json", "source.spm", "target.spm", "vocab.json", "target_vocab.json", "tokenizer_config.json",
+              "special_tokens_map.json", "generation_config.json")
 
 
 @dataclass

@@ -125,6 +125,22 @@ def special_ids(path: str | os.PathLike) -> dict[str, int]:
     return module_for(hf["model_type"]).special_ids(hf, str(Path(path) / HF_CONFIG))
 
 
+def companion_special_ids(companions: list[Path]) -> dict[str, int] | None:
+    """The special ids a generation_config.json among `companions` records (a run converted from a Hugging Face
+    directory), or None."""
+    file = next((p for p in companions if p.name == GENERATION_CONFIG), None)
+    if file is None:
+        return None
+    from parity.checkpoint import read_json
+
+    data = read_json(file, "generation config")
+    try:
+        return {"pad_id": int(data["pad_token_id"]), "eos_id": int(data["eos_token_id"]),
+                "decoder_start_id": int(data["decoder_start_token_id"])}
+    except (KeyError, TypeError, ValueError):
+        raise _error(f"{file}: needs integer pad_token_id, eos_token_id and decoder_start_token_id") from None
+
+
 def generation_config(cfg: TransformerConfig, ids: Mapping[str, int], forbidden: list[int]) -> dict[str, Any]:
     """generation_config.json for an exported model: the twins' decoding rules in transformers' terms
     (bad_words_ids: the ids the twins never emit)."""
@@ -151,7 +167,8 @@ def write_marian(tmp: Path, cfg: TransformerConfig, weights: Mapping[str, np.nda
     from safetensors.numpy import save_file
 
     from parity.decoding import forbidden_ids
-    from parity.formats.common import _contiguous, _os_errors
+    from parity.formats.common import _os_errors
+    from parity.formats.safetensors import _contiguous
     from parity.formats.hf_marian import marian_config_fields, to_marian_state_dict
 
     ids = dict(TWIN_SPECIAL_IDS if ids is None else ids)
