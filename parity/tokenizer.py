@@ -25,6 +25,19 @@ class TokenizerError(ValueError):
     """A tokenizer file that cannot be used."""
 
 
+def content_ids(ids: Iterable[int], eos_id: int, skipped: Sequence[int]) -> list[int]:
+    """The ids before the first `eos_id`, less those in `skipped` (pad, the decoder start): what decode turns
+    into text."""
+    kept = []
+    for i in ids:
+        i = int(i)
+        if i == eos_id:
+            break
+        if i not in skipped:
+            kept.append(i)
+    return kept
+
+
 class Tokenizer:
     """Thin wrapper over `tokenizers.Tokenizer` with the ids the trainers and decoders need."""
 
@@ -44,11 +57,12 @@ class Tokenizer:
         vocab = sorted(self.hf.get_vocab().items(), key=lambda item: item[1])
         return hashlib.sha256("\n".join(token for token, _ in vocab).encode()).hexdigest()
 
-    def encode(self, texts: Sequence[str]) -> list[np.ndarray]:
-        """Token ids of each text, no special tokens added: list of [L] int32."""
+    def encode(self, texts: Sequence[str], *, target: bool = False) -> list[np.ndarray]:
+        """Token ids of each text, no special tokens added: list of [L] int32. One joint vocabulary: `target` (the
+        keyword of tokenizers with a side each, `parity.hf_tokenizer.HFTokenizer`) changes nothing."""
         return [np.asarray(e.ids, dtype=np.int32) for e in self.hf.encode_batch(list(texts))]
 
-    def unknown_characters(self, texts: Sequence[str]) -> list[list[str]]:
+    def unknown_characters(self, texts: Sequence[str], *, target: bool = False) -> list[list[str]]:
         """The characters of each text that become <unk> (unique, in order of appearance)."""
         found = []
         for text, e in zip(texts, self.hf.encode_batch(list(texts))):
@@ -62,14 +76,7 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of the ids up to the first <eos>, skipping <pad> and <bos>."""
-        kept = []
-        for i in ids:
-            i = int(i)
-            if i == self.eos_id:
-                break
-            if i not in (self.pad_id, self.bos_id):
-                kept.append(i)
-        return self.hf.decode(kept, skip_special_tokens=False)
+        return self.hf.decode(content_ids(ids, self.eos_id, (self.pad_id, self.bos_id)), skip_special_tokens=False)
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_bytes(path, self.hf.to_str(pretty=True).encode())
@@ -107,3 +114,19 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 1000, min_frequen
                                   special_tokens=list(SPECIALS), show_progress=False)
     hf.train_from_iterator(texts, trainer=trainer)
     return Tokenizer(hf)
+
+
+HF_TOKENIZER_FILES = ("tokenizer_config.json", "vocab.json", "source.spm", "target.spm")
+
+
+def load_any(path: str | os.PathLike):
+    """The tokenizer of `path`: a Hugging Face tokenizer directory (tokenizer_config.json, or Marian's vocab.json /
+    source.spm / target.spm; also a directory's tokenizer.json beside them) -> `parity.hf_tokenizer.HFTokenizer`;
+    anything else (this project's tokenizer.json, or a directory holding it) -> `Tokenizer.load`."""
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent if path.name == TOKENIZER_FILE else None
+    if directory is not None and any((directory / name).is_file() for name in HF_TOKENIZER_FILES):
+        from parity.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer.load(directory)
+    return Tokenizer.load(path)

@@ -5,15 +5,25 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
-from parity.config import TransformerConfig
+from parity.config import ACTIVATIONS, POSITIONS, TransformerConfig
 from parity.names import aliases, canonical_shapes
 from parity.suite import SPACE, Inputs, build_config, make_inputs, np_dtype
 
 
+# Fields drawn beyond parity.suite.SPACE (whose activations are relu and gelu): every activation, every
+# positional table and both embedding scalings (the layouts of Hugging Face Marian and FSMT checkpoints).
+EXTRA: dict[str, tuple] = {"activation": ACTIVATIONS, "positions": POSITIONS, "scale_embedding": (True, False)}
+
+
 @st.composite
 def configs(draw: st.DrawFn, archs: tuple[str, ...] = ("seq2seq",), **fixed) -> TransformerConfig:
-    """A random config (dropout off) of one of `archs`; keyword arguments pin fields."""
-    cfg = build_config(lambda _, options: draw(st.sampled_from(list(options))), archs)
+    """A random config (dropout off) of one of `archs`: SPACE's fields, with EXTRA's options; keyword
+    arguments pin fields."""
+    def choose(name: str, options) -> object:
+        return draw(st.sampled_from(list(EXTRA.get(name, options))))
+
+    cfg = build_config(choose, archs)
+    cfg = cfg.replace(positions=choose("positions", ()), scale_embedding=choose("scale_embedding", ()))
     return cfg.replace(**fixed) if fixed else cfg
 
 

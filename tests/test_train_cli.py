@@ -93,7 +93,7 @@ def test_ctrl_c_saves_and_resumes(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--data", "missing.tsv"], "missing.tsv: no such file or directory"),
-    (["--config", "huge"], "--config huge: not a preset (tiny, small, base) and not readable"),
+    (["--config", "huge"], "--config huge: not a preset (tiny, small, base, marian) and not readable"),
     (["--steps", "0"], "steps must be at least 1"),
 ])
 def test_errors_are_one_line(tmp_path, args, message):

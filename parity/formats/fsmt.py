@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from parity.config import TransformerConfig
-from parity.formats.hf_marian import ACTIVATIONS_IN, LAYER_NORM_EPS, MarianError, layer_key_map
+from parity.formats.hf_marian import ACTIVATIONS_IN, LAYER_NORM_EPS, MarianError, check_stacks, layer_key_map
 
 MODEL_TYPE = "fsmt"
 # FSMTConfig's defaults in transformers 5.24, for fields a config.json leaves out.
@@ -49,17 +49,8 @@ def config_from_hf(hf: Mapping[str, Any], where: str = "config.json") -> Transfo
     """The TransformerConfig that computes what transformers' FSMTForConditionalGeneration computes."""
     if hf.get("model_type", MODEL_TYPE) != MODEL_TYPE:
         raise FSMTError(f"{where}: model_type {hf.get('model_type')!r} is not FSMT")
-    for a, b in (("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim")):
-        if _field(hf, a) != _field(hf, b):
-            raise FSMTError(f"{where}: {a} ({_field(hf, a)}) != {b} ({_field(hf, b)}): the twins use one value "
-                            f"for both stacks")
-    for name in ("encoder_layerdrop", "decoder_layerdrop"):
-        if _field(hf, name) not in (0, 0.0):
-            raise FSMTError(f"{where}: {name} = {_field(hf, name)!r}: the twins have no layerdrop; set it to 0")
+    check_stacks(hf, DEFAULTS, where)
     activation = _field(hf, "activation_function")
-    if activation not in ACTIVATIONS_IN:
-        raise FSMTError(f"{where}: activation_function {activation!r} cannot be expressed: the twins have "
-                        f"{', '.join(sorted(ACTIVATIONS_IN))}")
     tie = bool(_field(hf, "tie_word_embeddings"))
     fields = dict(src_vocab_size=_field(hf, "src_vocab_size"), tgt_vocab_size=_field(hf, "tgt_vocab_size"),
                   d_model=_field(hf, "d_model"), num_heads=_field(hf, "encoder_attention_heads"),

@@ -69,6 +69,23 @@ def embedding_layout(hf: Mapping[str, Any]) -> tuple[bool, bool]:
     return bool(_field(hf, "share_encoder_decoder_embeddings")) and tie, tie
 
 
+def check_stacks(hf: Mapping[str, Any], defaults: Mapping[str, Any], where: str) -> None:
+    """MarianError unless the encoder and decoder share heads and FFN size, layerdrop is 0 and the activation is
+    one the twins have (Marian and FSMT alike); `defaults` fill fields the config leaves out."""
+    def get(name: str) -> Any:
+        return hf.get(name, defaults.get(name))
+
+    for a, b in (("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim")):
+        if get(a) != get(b):
+            raise MarianError(f"{where}: {a} ({get(a)}) != {b} ({get(b)}): the twins use one value for both stacks")
+    for name in ("encoder_layerdrop", "decoder_layerdrop"):
+        if get(name) not in (0, 0.0):
+            raise MarianError(f"{where}: {name} = {get(name)!r}: the twins have no layerdrop; set it to 0")
+    if get("activation_function") not in ACTIVATIONS_IN:
+        raise MarianError(f"{where}: activation_function {get('activation_function')!r} cannot be expressed: the "
+                          f"twins have {', '.join(sorted(ACTIVATIONS_IN))}")
+
+
 def config_from_marian(hf: Mapping[str, Any], where: str = "config.json") -> TransformerConfig:
     """The TransformerConfig that computes what transformers' MarianMTModel computes for config dict `hf`."""
     model_type = hf.get("model_type", MODEL_TYPE)
@@ -76,17 +93,8 @@ def config_from_marian(hf: Mapping[str, Any], where: str = "config.json") -> Tra
         raise MarianError(f"{where}: model_type {model_type!r} is not Marian")
     if hf.get("is_encoder_decoder", True) is not True or hf.get("is_decoder", False):
         raise MarianError(f"{where}: is_encoder_decoder must be true and is_decoder false (the seq2seq model)")
-    for a, b in (("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim")):
-        if _field(hf, a) != _field(hf, b):
-            raise MarianError(f"{where}: {a} ({_field(hf, a)}) != {b} ({_field(hf, b)}): the twins use one "
-                              f"value for both stacks")
-    for name in ("encoder_layerdrop", "decoder_layerdrop"):
-        if _field(hf, name) not in (0, 0.0):
-            raise MarianError(f"{where}: {name} = {_field(hf, name)!r}: the twins have no layerdrop; set it to 0")
+    check_stacks(hf, DEFAULTS, where)
     activation = _field(hf, "activation_function")
-    if activation not in ACTIVATIONS_IN:
-        raise MarianError(f"{where}: activation_function {activation!r} cannot be expressed: the twins have "
-                          f"{', '.join(sorted(ACTIVATIONS_IN))}")
     share, tie = embedding_layout(hf)
     vocab = _int_field(hf, "vocab_size", where)
     tgt_vocab = vocab if _field(hf, "share_encoder_decoder_embeddings") or _field(hf, "decoder_vocab_size") is None \
