@@ -202,3 +202,42 @@ def load_checkpoint(run_dir: str | os.PathLike) -> tuple[TransformerConfig, dict
         return cfg, read_checkpoint(path, config=cfg, allow_nonfinite=True).weights
     except (FormatError, ConversionError) as e:
         raise CheckpointError(str(e)) from None
+
+
+def load_model_dir(path: str | os.PathLike, *, tokenizer: bool = True):
+    """(config, canonical weights, tokenizer or None) of a run directory (`twin train` / `twin convert`) or of a
+    Hugging Face model directory (opus-mt's `save_pretrained`: config.json with a model_type).
+
+    The tokenizer is the project's tokenizer.json, else the directory's Hugging Face tokenizer files
+    (`parity.tokenizer.load_any`: MarianTokenizer, its decoder start from config.json or generation_config.json);
+    None where there is none. CheckpointError for unusable weights, TokenizerError for an unusable tokenizer.
+    """
+    from parity.formats import FormatError
+    from parity.formats.hf_dir import hf_config
+    from parity.tokenizer import HF_TOKENIZER_FILES, TOKENIZER_FILE, load_any
+
+    path = Path(path)
+    try:
+        hf = hf_config(path) if path.is_dir() else None
+    except FormatError as e:
+        raise CheckpointError(str(e)) from None
+    if hf is not None:
+        from parity.formats.hf_dir import read_hf_dir
+
+        try:
+            loaded = read_hf_dir(path)
+        except FormatError as e:
+            raise CheckpointError(str(e)) from None
+        cfg, weights = loaded.cfg, loaded.weights
+    else:
+        cfg, weights = load_checkpoint(path)
+    if not tokenizer or not any((path / name).is_file() for name in (TOKENIZER_FILE, *HF_TOKENIZER_FILES)):
+        return cfg, weights, None
+    found = load_any(path)
+    target = getattr(found, "tgt_vocab_size", found.vocab_size)
+    if (found.vocab_size, target) != (cfg.src_vocab_size, cfg.tgt_vocab_size):
+        raise CheckpointError(f"{path}: the tokenizer has {found.vocab_size}/{target} tokens, the model's "
+                              f"vocabularies are {cfg.src_vocab_size}/{cfg.tgt_vocab_size}")
+    if found.pad_id != cfg.pad_id:
+        raise CheckpointError(f"{path}: the tokenizer's pad id is {found.pad_id}, the model's pad_id {cfg.pad_id}")
+    return cfg, weights, found

@@ -4,9 +4,10 @@ interface of `parity.tokenizer.Tokenizer`, and the project's tokenizer written a
 `HFTokenizer` wraps `AutoTokenizer.from_pretrained(dir)`: MarianTokenizer for opus-mt (`source.spm`, `target.spm`,
 `vocab.json`, `tokenizer_config.json`; sources through the source SentencePiece model, targets through the target
 one) or a PreTrainedTokenizerFast (`tokenizer.json`). Like `Tokenizer.encode`, its `encode` gives the ids without
-the final eos, which the batcher and `translate` append: transformers' ids are `encode(texts) + [eos]`. `bos_id` is the decoder start: the directory's
-`decoder_start_token_id` (config.json, else generation_config.json), else the tokenizer's bos, else pad (Marian,
-whose decoder starts from pad). transformers is imported only inside functions.
+the final eos, which the batcher and `translate` append: transformers' ids are `encode(texts) + [eos]`. `bos_id`
+is the decoder start: the directory's `decoder_start_token_id` (config.json, else generation_config.json, which
+`save` writes), else the tokenizer's bos, else pad (Marian, whose decoder starts from pad). transformers is
+imported only inside functions.
 """
 
 from __future__ import annotations
@@ -142,13 +143,21 @@ class HFTokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Copy the tokenizer files, unchanged, into the directory `path` (or the directory of the file `path`,
-        e.g. RUN/tokenizer.json, as `Tokenizer.save` is called)."""
+        e.g. RUN/tokenizer.json, as `Tokenizer.save` is called), and generation_config.json with the decoder start,
+        eos and pad ids where the directory has none, so that `load` of the copy has the same ids."""
+        import json
+
         path = Path(path)
         directory = path if path.is_dir() or not path.suffix else path.parent
         with writing(directory):
             directory.mkdir(parents=True, exist_ok=True)
         for name, data in sorted(self.files.items()):
             atomic_write_bytes(directory / name, data)
+        if not (directory / GENERATION_CONFIG).is_file():
+            forbidden = sorted({self.pad_id, self.bos_id} - {self.eos_id})  # what the twins never emit
+            record = {"decoder_start_token_id": self.bos_id, "eos_token_id": self.eos_id, "pad_token_id": self.pad_id,
+                      "bad_words_ids": [[i] for i in forbidden]}
+            atomic_write_bytes(directory / GENERATION_CONFIG, (json.dumps(record, indent=2) + "\n").encode())
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, decoder_start_id: int | None = None) -> "HFTokenizer":

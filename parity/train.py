@@ -43,12 +43,12 @@ import numpy as np
 
 from parity.batching import Batcher, Position
 from parity.checkpoint import (CONFIG_FILE, CheckpointError, WriteError, _umask, append_bytes, atomic_write_bytes,
-                               json_type, load_checkpoint, load_config, parse_json, read_bytes, read_json, renamed,
-                               save_checkpoint, temp_prefix, writing)
+                               json_type, load_checkpoint, load_config, load_model_dir, parse_json, read_bytes,
+                               read_json, renamed, save_checkpoint, temp_prefix, writing)
 from parity.config import ARCHS, DictFields, TransformerConfig, is_number
 from parity.convert import ConversionError, check_canonical
 from parity.data import Corpus, DataError, Example, load_corpus
-from parity.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError, train_tokenizer
+from parity.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError, load_any, train_tokenizer
 
 FRAMEWORKS = ("torch", "jax")
 CHECKPOINTS = "checkpoints"
@@ -603,8 +603,8 @@ def _batches(tokenizer: Tokenizer, examples: list[Example], corpus: Corpus, cfg:
     """The Batcher of `examples` for cfg.arch: pairs (seq2seq), texts and their class ids (encoder), texts (decoder)."""
     first = tokenizer.encode([e[0] for e in examples])
     src = None if cfg.arch == "decoder" else first
-    tgt = tokenizer.encode([e[1] for e in examples]) if cfg.arch == "seq2seq" else first if cfg.arch == "decoder" \
-        else None
+    tgt = tokenizer.encode([e[1] for e in examples], target=True) if cfg.arch == "seq2seq" else first \
+        if cfg.arch == "decoder" else None
     classes = None
     if cfg.arch == "encoder":
         index = {label: i for i, label in enumerate(corpus.labels)}
@@ -632,9 +632,12 @@ def _resolve_arch(arch: str | None, source: Path | None, what: str) -> str:
         raise TrainError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
     if source is None:
         return arch or "seq2seq"
+    from parity.formats import FormatError
+    from parity.formats.hf_dir import hf_config
+
     try:
-        found = load_config(source).arch
-    except CheckpointError as e:
+        found = "seq2seq" if hf_config(source) is not None else load_config(source).arch  # Marian, FSMT: seq2seq
+    except (CheckpointError, FormatError) as e:
         raise TrainError(str(e)) from None
     if arch not in (None, found):
         raise TrainError(f"--arch {arch}: {what} {source} holds a {found} model; pass --arch {found} or leave it out")
@@ -695,15 +698,14 @@ def _run(Trainer, context, framework: str, data: str, out: Path, *, model: str |
     init_weights, meta = None, {}
     try:
         if resume_from is not None:
-            tokenizer, spec = Tokenizer.load(out / TOKENIZER_FILE), load_config(out)
+            tokenizer, spec = load_any(out), load_config(out)
             tcfg = saved_train_config(out / TRAIN_CONFIG_FILE, tcfg.steps)
         else:
-            spec, shipped = model, None
-            if init_from is not None:
-                spec, init_weights = load_checkpoint(init_from)
-                shipped = Path(init_from) / TOKENIZER_FILE
-            tokenizer = (Tokenizer.load(shipped) if shipped is not None and shipped.is_file() else
-                         train_tokenizer(corpus.texts(), vocab_size=tcfg.vocab_size))
+            spec, tokenizer = model, None
+            if init_from is not None:  # a run directory or a Hugging Face model directory, with its tokenizer
+                spec, init_weights, tokenizer = load_model_dir(init_from)
+            if tokenizer is None:
+                tokenizer = train_tokenizer(corpus.texts(), vocab_size=tcfg.vocab_size)
         cfg = model_config(spec, tokenizer.vocab_size, arch, None if corpus.labels is None else len(corpus.labels))
         if dropout is not None and resume_from is None:
             cfg = cfg.replace(dropout=dropout)

@@ -1,11 +1,12 @@
 """Translate and evaluate with a run directory written by `twin train`, in either framework.
 
 `Translator.load(run_dir, framework, device)` reads `config.json` + `model.safetensors` and
-`tokenizer.json`; `translate` checks every input first (empty, characters the tokenizer has never
-seen, longer than the model takes), then encodes, appends <eos>, sorts by length, batches (source
-length padded to a multiple of 8, so JAX compiles few shapes), calls `torch_tx.generate` /
-`jax_tx.generate`, decodes and restores the input order. Both frameworks get identical batches.
-Frameworks are imported only when a translator is loaded.
+`tokenizer.json`, or a Hugging Face model directory with its tokenizer (opus-mt: MarianTokenizer, the
+decoder starting from its config's decoder_start_token_id). `translate` checks every input first (empty,
+characters the tokenizer has never seen, longer than the model takes), then encodes, appends <eos>, sorts
+by length, batches (source length padded to a multiple of 8, so JAX compiles few shapes), calls
+`torch_tx.generate` / `jax_tx.generate`, decodes and restores the input order. Both frameworks get
+identical batches. Frameworks are imported only when a translator is loaded.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from parity.checkpoint import CONFIG_FILE, CheckpointError, atomic_write_bytes, load_checkpoint
+from parity.checkpoint import CONFIG_FILE, CheckpointError, atomic_write_bytes, load_model_dir
 from parity.config import TransformerConfig
 from parity.decoding import check_decoding_options
 from parity.extras import default_framework
@@ -131,23 +132,22 @@ class _JaxBackend:
 
 # -------------------------------------------------------------------------------- translator
 
-def read_run_dir(run_dir: str | os.PathLike) -> tuple[TransformerConfig, dict[str, np.ndarray], Tokenizer]:
-    """Config, float32 canonical weights and tokenizer of a run directory; TranslateError when unusable."""
+def read_run_dir(run_dir: str | os.PathLike) -> tuple[TransformerConfig, dict[str, np.ndarray], Any]:
+    """Config, float32 canonical weights and tokenizer of a run directory, or of a Hugging Face model directory with
+    its tokenizer (opus-mt: MarianTokenizer); TranslateError when unusable."""
     path = Path(run_dir)
     if not path.is_dir():
         raise TranslateError(f"{path}: no such directory (expected a run directory written by twin train)")
-    missing = [name for name in (CONFIG_FILE, TOKENIZER_FILE) if not (path / name).is_file()]
-    if missing:
-        raise TranslateError(f"{path}: not a run directory, no {' or '.join(missing)} "
-                             f"(twin train writes config.json, model.safetensors and tokenizer.json)")
+    if not (path / CONFIG_FILE).is_file():
+        raise TranslateError(f"{path}: not a run directory, no {CONFIG_FILE} (twin train writes config.json, "
+                             f"model.safetensors and tokenizer.json)")
     try:
-        cfg, weights = load_checkpoint(path)
-        tokenizer = Tokenizer.load(path / TOKENIZER_FILE)
+        cfg, weights, tokenizer = load_model_dir(path)
     except (CheckpointError, TokenizerError) as e:
         raise TranslateError(str(e)) from None
-    if tokenizer.vocab_size != cfg.src_vocab_size or tokenizer.vocab_size != cfg.tgt_vocab_size:
-        raise TranslateError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens, the model's vocabularies "
-                             f"are {cfg.src_vocab_size} / {cfg.tgt_vocab_size}")
+    if tokenizer is None:
+        raise TranslateError(f"{path}: not a run directory, no {TOKENIZER_FILE} and no Hugging Face tokenizer "
+                             f"files (twin train writes config.json, model.safetensors and tokenizer.json)")
     weights = {k: v.astype(np.float32) if v.dtype.kind == "f" or v.dtype.name == "bfloat16" else v
                for k, v in weights.items()}
     return cfg.without_dropout(), weights, tokenizer

@@ -51,7 +51,8 @@ def test_convert_in_and_back_out_is_what_transformers_loads(marian_dir, tmp_path
         assert torch.equal(reloaded.state_dict()[key], value), key
     src = torch.tensor([[3, 4, 5, 0]])
     with torch.no_grad():
-        assert torch.equal(original.generate(input_ids=src, max_new_tokens=6), reloaded.generate(input_ids=src, max_new_tokens=6))
+        assert torch.equal(original.generate(input_ids=src, max_new_tokens=6),
+                           reloaded.generate(input_ids=src, max_new_tokens=6))
 
 
 def test_a_model_type_the_twins_do_not_read_is_one_line_and_exit_1(marian_dir, tmp_path, capsys):

@@ -100,6 +100,10 @@ def test_fingerprint_is_stable_and_follows_the_files(marian_dir, tmp_path):
         assert (copy / name).read_bytes() == (marian_dir / name).read_bytes()
     assert not (copy / "tokenizer.json").exists()
     assert HFTokenizer.load(copy).fingerprint() == tok.fingerprint()
+    assert json.loads((copy / "generation_config.json").read_text())["decoder_start_token_id"] == tok.bos_id
+    moved = HFTokenizer.load(marian_dir, decoder_start_id=3)  # a decoder start the files alone do not say
+    moved.save(tmp_path / "moved")
+    assert HFTokenizer.load(tmp_path / "moved").bos_id == 3
     changed = save_marian_tokenizer(tmp_path / "changed")
     vocab = json.loads((changed / "vocab.json").read_text())
     a, b = [piece for piece in vocab if piece not in ("</s>", "<unk>", "<pad>")][:2]

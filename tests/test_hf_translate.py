@@ -1,0 +1,110 @@
+"""Hugging Face directories through the user commands: `twin translate` / `twin eval` on an opus-mt-like directory
+(MarianTokenizer, the decoder starting from pad) give transformers' own greedy tokens in both frameworks;
+`twin train --init-from HF_DIR` fine-tunes it in JAX, and its run translates as the model it exports with
+`--to hf-marian` does in transformers. transformers' forced EOS at max_length is switched off in the reference:
+the twins have no forced EOS (`parity.hf_reference.compare_greedy` emulates it)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("sentencepiece")
+
+from hf_fixtures import marian_model, marian_vocab_size, save_marian_dir  # noqa: E402
+from parity import cli  # noqa: E402
+from parity.data import load_corpus  # noqa: E402
+from parity.hf_tokenizer import HFTokenizer  # noqa: E402
+from parity.translate import DecodeOptions, Translator  # noqa: E402
+
+STEPS = 9  # new tokens per sentence
+SENTENCES = 12
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return [source for source, _ in load_corpus("builtin").test[:SENTENCES]]
+
+
+@pytest.fixture(scope="module")
+def opus_dir(tmp_path_factory):
+    model = marian_model(5, vocab_size=marian_vocab_size())
+    with torch.no_grad():  # eos early in some rows, so that both the stop rule and the pad after it are checked
+        model.final_logits_bias[0, model.config.eos_token_id] = 2.9  # 5 of the 12 rows stop at once
+    return save_marian_dir(tmp_path_factory.mktemp("opus-mt"), model=model)
+
+
+def hf_greedy(directory, texts: list[str], steps: int = STEPS) -> list[list[int]]:
+    """transformers' greedy ids of each text (what follows the decoder start, up to and with the first eos), from
+    the directory's own MarianMTModel, MarianTokenizer and generation_config.json."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(directory), local_files_only=True).eval()
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=steps, num_beams=1, do_sample=False, forced_eos_token_id=None)
+    assert (out[:, 0] == model.config.decoder_start_token_id).all()
+    return [_until_eos(row[1:].tolist(), model.config.eos_token_id) for row in out]
+
+
+def _until_eos(ids: list[int], eos: int) -> list[int]:
+    return ids[:ids.index(eos) + 1] if eos in ids else ids
+
+
+def twin_greedy(directory, texts: list[str], framework: str, steps: int = STEPS) -> list[list[int]]:
+    translator = Translator.load(directory, framework)
+    rows = translator.generate_ids(translator.encode(texts), DecodeOptions(max_new_tokens=steps), batch_size=5)
+    return [_until_eos(row.tolist(), translator.tokenizer.eos_id) for row in rows]
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_translate_on_an_opus_mt_directory_gives_transformers_greedy_tokens(opus_dir, texts, framework):
+    expected = hf_greedy(opus_dir, texts)
+    got = twin_greedy(opus_dir, texts, framework)
+    assert got == expected
+    eos = HFTokenizer.load(opus_dir).eos_id
+    assert 0 < sum(row[-1] == eos for row in expected) < len(expected)  # some rows stop early, some run on
+    translator = Translator.load(opus_dir, framework)
+    assert isinstance(translator.tokenizer, HFTokenizer) and translator.tokenizer.bos_id == translator.cfg.pad_id
+    assert translator.translate(texts, max_new_tokens=STEPS) == [translator.tokenizer.decode(r) for r in expected]
+
+
+def test_twin_translate_and_eval_commands_read_the_directory(opus_dir, texts, tmp_path, capsys):
+    assert cli.main(["translate", str(opus_dir), *texts[:3], "--max-new-tokens", str(STEPS)]) == 0
+    tokenizer = HFTokenizer.load(opus_dir)
+    assert capsys.readouterr().out.splitlines() == [tokenizer.decode(r) for r in hf_greedy(opus_dir, texts[:3])]
+    report = tmp_path / "eval.json"
+    assert cli.main(["eval", str(opus_dir), "--data", "builtin", "--limit", "6", "--framework", "jax", "--json",
+                     str(report)]) == 0
+    record = json.loads(report.read_text())
+    assert record["sentences"] == 6 and 0 <= record["bleu"] <= 100 and record["framework"] == "jax"
+
+
+def test_fine_tune_in_jax_from_hf_dir_then_export_translates_as_transformers_does(opus_dir, texts, tmp_path):
+    """--init-from HF_DIR keeps the MarianTokenizer and the Marian layout, 20 JAX steps move the weights, and the
+    run exported --to hf-marian decodes in transformers exactly as the run decodes in both twins."""
+    run, exported = tmp_path / "run", tmp_path / "exported"
+    assert cli.main(["train", "--framework", "jax", "--init-from", str(opus_dir), "--out", str(run), "--steps", "20",
+                     "--limit", "400", "--max-tokens", "256", "--test-limit", "0", "--no-progress", "--show",
+                     "0"]) == 0
+    for name in ("source.spm", "target.spm", "vocab.json", "tokenizer_config.json"):
+        assert (run / name).read_bytes() == (opus_dir / name).read_bytes(), name
+    tokenizer = HFTokenizer.load(run)
+    assert (tokenizer.bos_id, tokenizer.pad_id) == (HFTokenizer.load(opus_dir).bos_id,) * 2
+    from parity.checkpoint import load_model_dir
+
+    before = load_model_dir(opus_dir, tokenizer=False)[1]
+    cfg, after, _ = load_model_dir(run)
+    assert cfg.positions == "marian" and cfg.freeze_pad_embedding
+    moved = [k for k in before if not np.array_equal(np.asarray(before[k], np.float32), after[k])]
+    assert len(moved) > len(before) // 2
+    assert cli.main(["convert", str(run), str(exported), "--to", "hf-marian"]) == 0
+    expected = hf_greedy(exported, texts)
+    for framework in ("torch", "jax"):
+        assert twin_greedy(run, texts, framework) == expected, framework
