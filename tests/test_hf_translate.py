@@ -108,3 +108,25 @@ def test_fine_tune_in_jax_from_hf_dir_then_export_translates_as_transformers_doe
     expected = hf_greedy(exported, texts)
     for framework in ("torch", "jax"):
         assert twin_greedy(run, texts, framework) == expected, framework
+
+
+def test_train_config_marian_exports_a_model_transformers_decodes_as_the_twins_do(texts, tmp_path):
+    """A run trained here (--config marian, the project's tokenizer) goes --to hf-marian with a tokenizer
+    AutoTokenizer loads; transformers' greedy tokens are the run's in both twins, and the directory imports back
+    to the same weights."""
+    run, exported, back = tmp_path / "run", tmp_path / "exported", tmp_path / "back"
+    assert cli.main(["train", "--framework", "torch", "--config", "marian", "--out", str(run), "--steps", "20",
+                     "--limit", "400", "--max-tokens", "256", "--test-limit", "0", "--no-progress", "--show",
+                     "0"]) == 0
+    assert cli.main(["convert", str(run), str(exported), "--to", "hf-marian"]) == 0
+    assert (exported / "tokenizer.json").is_file() and (exported / "tokenizer_config.json").is_file()
+    expected = hf_greedy(exported, texts)
+    for framework in ("torch", "jax"):
+        assert twin_greedy(run, texts, framework) == expected, framework
+    assert cli.main(["convert", str(exported), str(back), "--to", "safetensors"]) == 0
+    from parity.checkpoint import load_model_dir
+
+    cfg, original, _ = load_model_dir(run)
+    _, imported, _ = load_model_dir(back, tokenizer=False)
+    for key, value in original.items():
+        assert np.array_equal(value, imported[key]), key
