@@ -28,14 +28,16 @@ from parity.decoding import NEG_INF, check_generate_args, check_prompt, forbidde
 def generate(model: Transformer | DecoderOnly, params: Mapping[str, Any], src: jnp.ndarray, *, max_new_tokens: int,
              bos_id: int, eos_id: int, beam_size: int = 1, length_penalty: float = 0.6, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-             src_mask: jnp.ndarray | None = None) -> jnp.ndarray:
+             src_mask: jnp.ndarray | None = None, beam_rule: str = "twin", forced_eos: bool = False) -> jnp.ndarray:
     """Output ids (B, n <= max_new_tokens) for src (B, S), without BOS, pad after EOS.
 
     No search emits the config's pad_id or bos_id (unless it is eos_id): `parity.decoding.forbidden_ids`.
     beam_size 1 and temperature 0: greedy, the argmax over the other ids. temperature > 0: sampling from
     softmax(logits / temperature) renormalised over the other ids, then restricted to the top_k tokens (0: all)
     and to the smallest set whose probability reaches top_p. beam_size > 1: beam search, hypotheses scored by
-    their summed log-probabilities under the model / ((5 + len) / 6) ** length_penalty.
+    their summed log-probabilities under the model / ((5 + len) / 6) ** length_penalty, or with
+    beam_rule="hf" as transformers' `generate(num_beams=...)` scores, keeps and stops (`BEAM_RULES`).
+    forced_eos: the last step (new token max_new_tokens) can only be EOS, as transformers' forced_eos_token_id.
     n is the number of steps taken: decoding stops once every sequence has finished (or, for beams, once
     no live hypothesis can beat the finished ones). `params` is the Flax params tree (or {"params": tree}).
     The loop is compiled once per (model, shapes, decoding arguments); pad S to a few lengths.
@@ -46,7 +48,8 @@ def generate(model: Transformer | DecoderOnly, params: Mapping[str, Any], src: j
     beam_size > 1 raises ValueError (greedy or sampling only).
     """
     check_generate_args(model.cfg, max_new_tokens=max_new_tokens, bos_id=bos_id, eos_id=eos_id, beam_size=beam_size,
-                        length_penalty=length_penalty, temperature=temperature, top_k=top_k, top_p=top_p)
+                        length_penalty=length_penalty, temperature=temperature, top_k=top_k, top_p=top_p,
+                        beam_rule=beam_rule, forced_eos=forced_eos)
     params = _params(params)
     src = jnp.asarray(src)
     if isinstance(model, DecoderOnly):
@@ -59,24 +62,26 @@ def generate(model: Transformer | DecoderOnly, params: Mapping[str, Any], src: j
         seed = int(np.random.SeedSequence().entropy % (1 << 63))
     tokens, steps = _generate(model, params, src, src_pad, jax.random.key(seed), max_new_tokens=max_new_tokens,
                               bos_id=bos_id, eos_id=eos_id, beam_size=beam_size, alpha=float(length_penalty),
-                              temperature=float(temperature), top_k=top_k, top_p=float(top_p))
+                              temperature=float(temperature), top_k=top_k, top_p=float(top_p), beam_rule=beam_rule,
+                              forced_eos=forced_eos)
     return tokens[:, :int(steps)]  # [B, n]
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "bos_id", "eos_id", "beam_size", "alpha",
-                                             "temperature", "top_k", "top_p"))
+                                             "temperature", "top_k", "top_p", "beam_rule", "forced_eos"))
 def _generate(model: Transformer | DecoderOnly, params, src: jnp.ndarray, src_mask: jnp.ndarray, key: jax.Array, *,
               max_new_tokens: int, bos_id: int, eos_id: int, beam_size: int, alpha: float, temperature: float,
-              top_k: int, top_p: float) -> tuple[jnp.ndarray, jnp.ndarray]:
+              top_k: int, top_p: float, beam_rule: str, forced_eos: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
     if isinstance(model, DecoderOnly):
         return sample_continuation(model, params, src, src_mask, max_new_tokens=max_new_tokens, bos_id=bos_id,
-                                   eos_id=eos_id, temperature=temperature, top_k=top_k, top_p=top_p, key=key)
+                                   eos_id=eos_id, temperature=temperature, top_k=top_k, top_p=top_p, key=key,
+                                   forced_eos=forced_eos)
     memory = model.apply({"params": params}, src, src_mask, method=model.encode)  # [B, S, D]
     if beam_size > 1:
         return beam_search(model, params, memory, src_mask, max_new_tokens=max_new_tokens, bos_id=bos_id,
-                           eos_id=eos_id, beam_size=beam_size, alpha=alpha)
+                           eos_id=eos_id, beam_size=beam_size, alpha=alpha, rule=beam_rule, forced_eos=forced_eos)
     return sample(model, params, memory, src_mask, max_new_tokens=max_new_tokens, bos_id=bos_id, eos_id=eos_id,
-                  temperature=temperature, top_k=top_k, top_p=top_p, key=key)
+                  temperature=temperature, top_k=top_k, top_p=top_p, key=key, forced_eos=forced_eos)
 
 
 def filter_logits(logits: jnp.ndarray, top_k: int, top_p: float) -> jnp.ndarray:
@@ -104,6 +109,17 @@ def forbid(scores: jnp.ndarray, ids: tuple[int, ...]) -> jnp.ndarray:
     return scores.at[..., np.asarray(ids)].set(jnp.finfo(scores.dtype).min)  # [B, V]
 
 
+def force_eos(scores: jnp.ndarray, eos_id: int, forced) -> jnp.ndarray:
+    """scores (B, V) where `forced` (a bool, possibly traced: the last step of a forced_eos search): 0 at eos_id,
+    every other entry floored as `forbid` floors (transformers' ForcedEOSTokenLogitsProcessor: the forced EOS
+    adds nothing to a beam's score); unchanged elsewhere."""
+    if forced is False:
+        return scores
+    keep = jnp.arange(scores.shape[-1]) == eos_id  # [V]
+    forced_scores = jnp.where(keep, 0.0, jnp.finfo(scores.dtype).min).astype(scores.dtype)  # [V]
+    return jnp.where(forced, forced_scores, scores)  # [B, V]
+
+
 def next_token(logits: jnp.ndarray, temperature: float, top_k: int, top_p: float, key: jax.Array,
                forbidden: tuple[int, ...] = ()) -> jnp.ndarray:
     """logits (B, V) -> token ids (B,), never one of `forbidden`: the argmax at temperature 0, else a draw from
@@ -117,7 +133,7 @@ def next_token(logits: jnp.ndarray, temperature: float, top_k: int, top_p: float
 
 def sample(model: Transformer, params, memory: jnp.ndarray, src_mask: jnp.ndarray, *, max_new_tokens: int,
            bos_id: int, eos_id: int, temperature: float, top_k: int, top_p: float,
-           key: jax.Array) -> tuple[jnp.ndarray, jnp.ndarray]:
+           key: jax.Array, forced_eos: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Greedy or sampled tokens (B, N) for memory (B, S, D) and the number of steps taken n (columns after n: pad)."""
     b = memory.shape[0]
     fed = jnp.ones((b, 1), dtype=jnp.bool_)  # [B, 1]
@@ -130,14 +146,15 @@ def sample(model: Transformer, params, memory: jnp.ndarray, src_mask: jnp.ndarra
     token = jnp.full((b, 1), bos_id, dtype=jnp.int32)  # [B, 1]
     done = jnp.zeros(b, dtype=jnp.bool_)  # [B]
     cache = model.apply({"params": params}, memory, src_mask, max_new_tokens, method=model.init_cache)
-    choose = _chooser(temperature, top_k, top_p, key, forbidden_ids(model.cfg, bos_id, eos_id))
+    choose = _chooser(temperature, top_k, top_p, key, forbidden_ids(model.cfg, bos_id, eos_id),
+                      max_new_tokens - 1 if forced_eos else None, eos_id)
     return _sample_loop(decode_step, choose, jnp.int32(0), out, token, cache, done, max_new_tokens=max_new_tokens,
                         eos_id=eos_id, pad_id=model.cfg.pad_id)
 
 
 def sample_continuation(model: DecoderOnly, params, prompt: jnp.ndarray, prompt_mask: jnp.ndarray, *,
                         max_new_tokens: int, bos_id: int, eos_id: int, temperature: float, top_k: int, top_p: float,
-                        key: jax.Array) -> tuple[jnp.ndarray, jnp.ndarray]:
+                        key: jax.Array, forced_eos: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Greedy or sampled continuations (B, N) of prompt (B, P) with padding mask (B, P), and the steps taken n.
 
     One cached call reads BOS + the prompt (each row's real tokens at positions 0..; padding repeats the
@@ -159,7 +176,8 @@ def sample_continuation(model: DecoderOnly, params, prompt: jnp.ndarray, prompt_
                                     tgt_positions=positions[:, -1:] + steps)  # [B, 1, V]
         return logits[:, -1], cache  # [B, V]
 
-    choose = _chooser(temperature, top_k, top_p, key, forbidden_ids(model.cfg, bos_id, eos_id))
+    choose = _chooser(temperature, top_k, top_p, key, forbidden_ids(model.cfg, bos_id, eos_id),
+                      max_new_tokens - 1 if forced_eos else None, eos_id)
     out = jnp.full((b, max_new_tokens), pad_id, dtype=jnp.int32)  # [B, N]
     out, token, done = _pick(choose, logits, jnp.int32(0), out, jnp.zeros(b, dtype=jnp.bool_), eos_id=eos_id,
                              pad_id=pad_id)  # token [B, 1]
@@ -168,7 +186,8 @@ def sample_continuation(model: DecoderOnly, params, prompt: jnp.ndarray, prompt_
 
 
 def beam_search(model: Transformer, params, memory: jnp.ndarray, src_mask: jnp.ndarray, *, max_new_tokens: int,
-                bos_id: int, eos_id: int, beam_size: int, alpha: float) -> tuple[jnp.ndarray, jnp.ndarray]:
+                bos_id: int, eos_id: int, beam_size: int, alpha: float, rule: str = "twin",
+                forced_eos: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
     """The best hypothesis (B, N) of a beam search over memory (B, S, D) and the number of steps taken n.
 
     Each step extends the K live hypotheses by every token, keeps the 2K best by summed log-probability,
@@ -180,10 +199,11 @@ def beam_search(model: Transformer, params, memory: jnp.ndarray, src_mask: jnp.n
     The forbidden ids' log-probabilities are floored (not renormalised: a hypothesis scores its
     log-probability under the model, as in fairseq and Hugging Face), so every extension by an allowed
     token, a dead beam's included, outranks one by a forbidden token; EOS is allowed, so a forbidden
-    token is never returned.
+    token is never returned. rule="hf" scores, keeps and stops as transformers does (`parity.decoding.BEAM_RULES`);
+    forced_eos: at the last step only EOS extends a hypothesis.
     """
     b, k, n, pad_id = memory.shape[0], beam_size, max_new_tokens, model.cfg.pad_id
-    vocab = model.cfg.tgt_vocab_size
+    vocab, hf = model.cfg.tgt_vocab_size, rule == "hf"
     forbidden = forbidden_ids(model.cfg, bos_id, eos_id)
     cache = model.apply({"params": params}, memory, src_mask, n, method=model.init_cache)
     cache = _map_cache(cache, lambda x: jnp.repeat(x, k, axis=0), self_only=False)
@@ -195,21 +215,24 @@ def beam_search(model: Transformer, params, memory: jnp.ndarray, src_mask: jnp.n
     token = jnp.full((b * k, 1), bos_id, dtype=jnp.int32)  # [B*K, 1]
     fed = jnp.ones((b * k, 1), dtype=jnp.bool_)  # [B*K, 1]
     first_row = jnp.arange(b)[:, None] * k  # [B, 1]
+    top_ranks = jnp.arange(2 * k) < k  # [2K]: the K best of the 2K extensions
+    done = jnp.zeros(b, dtype=jnp.bool_)  # [B]: "hf" rows whose pool can no longer change
 
     def cond(carry):
         steps, *_, finished = carry
         return (steps < n) & ~finished
 
     def body(carry):
-        steps, live_tokens, live_logp, fin_tokens, fin_scores, token, cache, _ = carry
+        steps, live_tokens, live_logp, fin_tokens, fin_scores, token, cache, done, _ = carry
         logits, cache = model.apply({"params": params}, token, None, None, fed, cache, method=model.decode)  # [B*K, 1, V]
         logp = forbid(jax.nn.log_softmax(_at_least_float32(logits[:, -1]), -1), forbidden)  # [B*K, V]
-        logp = logp.reshape(b, k, vocab)  # [B, K, V]
+        logp = force_eos(logp, eos_id, forced_eos and steps == n - 1).reshape(b, k, vocab)  # [B, K, V]
         top_logp, top_index = jax.lax.top_k((live_logp[:, :, None] + logp).reshape(b, k * vocab), 2 * k)  # [B, 2K]
         parent, chosen = top_index // vocab, (top_index % vocab).astype(jnp.int32)  # [B, 2K]
         seqs = jnp.take_along_axis(live_tokens, parent[:, :, None], 1).at[:, :, steps].set(chosen)  # [B, 2K, N]
         ended = chosen == eos_id  # [B, 2K]
-        scores = jnp.concatenate([fin_scores, jnp.where(ended, top_logp / length_penalty(steps + 1, alpha),
+        joins = (ended | (steps + 1 == n)) & top_ranks & ~done[:, None] if hf else ended  # [B, 2K]
+        scores = jnp.concatenate([fin_scores, jnp.where(joins, top_logp / length_penalty(steps + 1, alpha, rule),
                                                         NEG_INF)], 1)  # [B, 3K]
         fin_scores, pick = jax.lax.top_k(scores, k)  # [B, K]
         fin_tokens = jnp.take_along_axis(jnp.concatenate([fin_tokens, seqs], 1), pick[:, :, None], 1)  # [B, K, N]
@@ -219,11 +242,17 @@ def beam_search(model: Transformer, params, memory: jnp.ndarray, src_mask: jnp.n
         cache = _map_cache(cache, lambda x: jnp.take(x, rows, axis=0), self_only=True)
         token = jnp.take_along_axis(chosen, pick, 1).reshape(b * k, 1)  # [B*K, 1]
         dead = live_logp[:, 0] <= NEG_INF / 2  # [B]: no possible hypothesis is live (EOS was all that was left)
-        finished = ((fin_scores[:, -1] > live_logp[:, 0] / length_penalty(n, alpha)) | dead).all()
-        return steps + 1, live_tokens, live_logp, fin_tokens, fin_scores, token, cache, finished
+        if hf:
+            done = done | ((fin_scores[:, -1] > NEG_INF / 2) &
+                           (live_logp[:, 0] / length_penalty(steps + 1, alpha, rule) <= fin_scores[:, -1]))  # [B]
+            finished = (done | dead).all()
+        else:
+            finished = ((fin_scores[:, -1] > live_logp[:, 0] / length_penalty(n, alpha)) | dead).all()
+        return steps + 1, live_tokens, live_logp, fin_tokens, fin_scores, token, cache, done, finished
 
     steps, live_tokens, _, fin_tokens, fin_scores, *_ = jax.lax.while_loop(
-        cond, body, (jnp.int32(0), live_tokens, live_logp, fin_tokens, fin_scores, token, cache, jnp.bool_(False)))
+        cond, body, (jnp.int32(0), live_tokens, live_logp, fin_tokens, fin_scores, token, cache, done,
+                     jnp.bool_(False)))
     has_finished = (fin_scores[:, 0] > NEG_INF / 2)[:, None]  # [B, 1]
     return jnp.where(has_finished, fin_tokens[:, 0], live_tokens[:, 0]), steps  # [B, N]
 
@@ -252,11 +281,16 @@ def _at_least_float32(x: jnp.ndarray) -> jnp.ndarray:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _chooser(temperature: float, top_k: int, top_p: float, key: jax.Array, forbidden: tuple[int, ...]):
+def _chooser(temperature: float, top_k: int, top_p: float, key: jax.Array, forbidden: tuple[int, ...],
+             forced_step: int | None = None, eos_id: int = 0):
     """choose(logits (B, V), steps) -> the token ids (B,) of output column `steps` (next_token's rule, with the
-    key fold_in(key, steps))."""
-    return lambda logits, steps: next_token(_at_least_float32(logits), temperature, top_k, top_p,
-                                            jax.random.fold_in(key, steps), forbidden)
+    key fold_in(key, steps)); at column `forced_step` (None: none) only eos_id."""
+    def choose(logits: jnp.ndarray, steps: jnp.ndarray) -> jnp.ndarray:
+        forced = False if forced_step is None else steps == forced_step
+        return next_token(force_eos(_at_least_float32(logits), eos_id, forced), temperature, top_k, top_p,
+                          jax.random.fold_in(key, steps), forbidden)
+
+    return choose
 
 
 def _pick(choose, logits: jnp.ndarray, steps: jnp.ndarray, out: jnp.ndarray, done: jnp.ndarray, *, eos_id: int,

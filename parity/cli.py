@@ -148,7 +148,7 @@ def _decode_options(args: argparse.Namespace):
     return DecodeOptions(beam_size=args.beam, length_penalty=args.length_penalty,
                          temperature=getattr(args, "temperature", 0.0), top_k=getattr(args, "top_k", 0),
                          top_p=getattr(args, "top_p", 1.0), seed=getattr(args, "seed", None),
-                         max_new_tokens=args.max_new_tokens)
+                         max_new_tokens=args.max_new_tokens, beam_rule=args.beam_rule, forced_eos=args.forced_eos)
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
@@ -318,6 +318,11 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam", type=int, default=1, help="beam size (default 1: greedy)")
     p.add_argument("--length-penalty", type=float, default=0.6, help="beam search length penalty alpha (GNMT; "
                    "default 0.6)")
+    p.add_argument("--beam-rule", choices=("twin", "hf"), default="twin", help="beam search scoring and stopping: "
+                   "twin (GNMT penalty, exact stop; default) or hf (transformers' generate: len ** alpha, "
+                   "early_stopping=False; use --length-penalty 1.0 for its default)")
+    p.add_argument("--forced-eos", action="store_true", help="the last token is EOS where a sentence has not "
+                   "ended (transformers' forced_eos_token_id, which opus-mt configs set)")
     p.add_argument("--max-new-tokens", type=int, help="output tokens at most (default min(max_len, 2 * padded "
                    "source length + 10))")
     p.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default 64)")

@@ -23,12 +23,28 @@ def forbidden_ids(cfg: TransformerConfig, bos_id: int, eos_id: int) -> tuple[int
     return tuple(sorted({cfg.pad_id, bos_id} - {eos_id}))
 
 
-def length_penalty(length, alpha: float):
-    """((5 + length) / 6) ** alpha (Wu et al. 2016); beam scores are summed log-probabilities divided by it."""
+BEAM_RULES = ("twin", "hf")
+"""Beam search's rules, the `beam_rule` of both twins' generate:
+- "twin": the length penalty ((5 + len) / 6) ** alpha (Wu et al. 2016); any EOS among the 2K best extensions
+  joins the finished pool; the search stops when no live hypothesis can still beat every finished one (an
+  exact bound); a row with no finished hypothesis returns its best live one.
+- "hf": transformers' `generate(num_beams=K)` with its default early_stopping=False: the penalty len ** alpha
+  (its length_penalty, 1.0 by default); only EOS extensions ranked among the best K of the 2K join the pool; a
+  row is done once its pool is full and its best live score divided by the penalty of its current length
+  does not beat the worst finished one, and adds nothing after that; at max_new_tokens the best K extensions
+  join the pool, EOS or not."""
+
+
+def length_penalty(length, alpha: float, rule: str = "twin"):
+    """The divisor of a hypothesis' summed log-probability: ((5 + length) / 6) ** alpha (Wu et al. 2016) for
+    the "twin" rule, length ** alpha (transformers) for "hf"; length counts the new tokens, EOS included."""
+    if rule == "hf":
+        return (0.0 + length) ** alpha
     return ((5.0 + length) / 6.0) ** alpha
 
 
 def check_decoding_options(*, beam_size: int, length_penalty: float, temperature: float, top_k: int, top_p: float,
+                           beam_rule: str = "twin", forced_eos: bool = False,
                            names: Mapping[str, str] | None = None) -> None:
     """Raise ValueError unless the search/sampling options make sense; `names` renames the arguments in the
     message (e.g. {"beam_size": "--beam"} for a command line)."""
@@ -48,13 +64,18 @@ def check_decoding_options(*, beam_size: int, length_penalty: float, temperature
         raise ValueError(f"{name('top_k')} must be >= 0 (0: no top-k filter), got {top_k}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"{name('top_p')} must be in (0, 1] (1: no nucleus filter), got {top_p}")
+    if beam_rule not in BEAM_RULES:
+        raise ValueError(f"{name('beam_rule')} must be one of {', '.join(BEAM_RULES)}, got {beam_rule!r}")
+    if not isinstance(forced_eos, bool):
+        raise ValueError(f"{name('forced_eos')} must be a bool, got {forced_eos!r}")
     if beam_size > 1 and temperature > 0.0:
         raise ValueError(f"beam search is deterministic: use {name('beam_size')} > 1 with {name('temperature')} 0, "
                          f"or sample with {name('beam_size')} 1")
 
 
 def check_generate_args(cfg: TransformerConfig, *, max_new_tokens: int, bos_id: int, eos_id: int, beam_size: int,
-                        length_penalty: float, temperature: float, top_k: int, top_p: float) -> None:
+                        length_penalty: float, temperature: float, top_k: int, top_p: float, beam_rule: str = "twin",
+                        forced_eos: bool = False) -> None:
     """Raise ValueError, naming the argument, unless the decoding arguments make sense for `cfg`."""
     for name, value in (("max_new_tokens", max_new_tokens), ("bos_id", bos_id), ("eos_id", eos_id)):
         if not _is_int(value):
@@ -65,7 +86,7 @@ def check_generate_args(cfg: TransformerConfig, *, max_new_tokens: int, bos_id: 
         if not 0 <= value < cfg.tgt_vocab_size:
             raise ValueError(f"{name} must be a target token id in [0, {cfg.tgt_vocab_size}), got {value}")
     check_decoding_options(beam_size=beam_size, length_penalty=length_penalty, temperature=temperature, top_k=top_k,
-                           top_p=top_p)
+                           top_p=top_p, beam_rule=beam_rule, forced_eos=forced_eos)
 
 
 def check_prompt(cfg: TransformerConfig, shape: tuple[int, ...], *, max_new_tokens: int, beam_size: int) -> None:

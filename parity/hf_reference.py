@@ -105,24 +105,31 @@ def compare_reference(model: Any, cfg: TransformerConfig, weights: Mapping[str, 
     return rows
 
 
-def forced_eos(tokens: np.ndarray, eos_id: int, pad_id: int) -> np.ndarray:
-    """Greedy output (B, n) of n = max_new_tokens - 1 steps -> (B, n + 1) as transformers' generate gives it
-    with forced_eos_token_id: a row that has not ended gets EOS as its last token; ended rows get pad."""
-    ended = (tokens == eos_id).any(axis=1)  # [B]
-    last = np.where(ended, pad_id, eos_id)[:, None]  # [B, 1]
-    return np.concatenate([tokens, last], axis=1)  # [B, n + 1]
-
-
 def _same_length(a: np.ndarray, length: int, pad_id: int) -> np.ndarray:
     return np.pad(a, ((0, 0), (0, length - a.shape[1])), constant_values=pad_id)[:, :length]
 
 
-def compare_greedy(model: Any, cfg: TransformerConfig, weights: Mapping[str, np.ndarray], src: np.ndarray,
-                   src_mask: np.ndarray, ids: Mapping[str, int], max_new_tokens: int, label: str) -> list[Check]:
-    """Rows "<label> generate->torch|jax greedy tokens": transformers' `generate(num_beams=1)` with the model's
-    generation config against both twins' greedy search (float32), token for token. The twins never emit pad or
-    the decoder start (transformers' bad_words_ids [[pad]] says the same); forced_eos_token_id is applied to
-    the twins' output by `forced_eos`. rel is the fraction of differing tokens (tolerance 0)."""
+def generation_options(model: Any, eos_id: int) -> dict[str, Any]:
+    """The twins' decoding options that do what the model's generation config makes transformers'
+    `generate` do: forced_eos (forced_eos_token_id == eos), beam_rule "hf" with its length_penalty (1.0 by
+    default). ValueError for an early_stopping the twins do not implement (True, "never")."""
+    config = model.generation_config  # transformers 5: a field left unset is None, meaning its default
+    early = getattr(config, "early_stopping", None)
+    if early not in (None, False):
+        raise ValueError(f"generation_config.json: early_stopping {early!r}: the twins' beam_rule 'hf' is "
+                         f"transformers' early_stopping=False")
+    penalty = getattr(config, "length_penalty", None)
+    return {"forced_eos": getattr(config, "forced_eos_token_id", None) == eos_id, "beam_rule": "hf",
+            "length_penalty": 1.0 if penalty is None else float(penalty)}
+
+
+def compare_generate(model: Any, cfg: TransformerConfig, weights: Mapping[str, np.ndarray], src: np.ndarray,
+                     src_mask: np.ndarray, ids: Mapping[str, int], max_new_tokens: int, label: str,
+                     beams: tuple[int, ...] = (1, 4)) -> list[Check]:
+    """Rows "<label> generate->torch|jax greedy|beam K tokens": transformers' `generate(num_beams=K)` with the
+    model's generation config against both twins' `generate` (float32) with `generation_options` (forced EOS,
+    beam_rule "hf"), token for token. The twins never emit pad or the decoder start (transformers'
+    bad_words_ids [[pad]] says the same). rel is the fraction of differing tokens (tolerance 0)."""
     import jax.numpy as jnp
     import torch
 
@@ -131,26 +138,30 @@ def compare_greedy(model: Any, cfg: TransformerConfig, weights: Mapping[str, np.
     from parity.convert import canonical_to_flax, to_torch
 
     model = model.float().eval()
-    with torch.no_grad():
-        ref = model.generate(input_ids=torch.from_numpy(src), attention_mask=torch.from_numpy(src_mask).long(),
-                             max_new_tokens=max_new_tokens, num_beams=1, do_sample=False).numpy()[:, 1:]  # [B, n]
-    forced = getattr(model.generation_config, "forced_eos_token_id", None) == ids["eos_id"]
-    steps = max_new_tokens - 1 if forced else max_new_tokens
+    options = generation_options(model, ids["eos_id"])
     cfg = cfg.without_dropout()
     w32 = {k: np.asarray(v, np.float32) for k, v in weights.items()}
     tm = torch_tx.Transformer(cfg).eval()
     tm.load_state_dict({k: to_torch(v) for k, v in w32.items()}, strict=True)
-    kw = dict(max_new_tokens=steps, bos_id=ids["decoder_start_id"], eos_id=ids["eos_id"])
-    outs = {"torch": torch_tx.decoding.generate(tm, torch.from_numpy(src), src_mask=torch.from_numpy(src_mask),
-                                                **kw).numpy(),
-            "jax": np.asarray(jax_tx.decoding.generate(jax_tx.Transformer(cfg), canonical_to_flax(w32, cfg),
-                                                       jnp.asarray(src), src_mask=jnp.asarray(src_mask), **kw))}
+    fm, fp = jax_tx.Transformer(cfg), canonical_to_flax(w32, cfg)
     rows = []
-    for twin, got in outs.items():
-        got = forced_eos(got, ids["eos_id"], cfg.pad_id) if forced else got
-        length = max(got.shape[1], ref.shape[1])
-        diff = float(np.mean(_same_length(got, length, cfg.pad_id) != _same_length(ref, length, cfg.pad_id)))
-        rows.append(Check(f"{label} generate->{twin} greedy tokens ({ref.size} tokens)", "float32", diff, diff, 0.0))
+    for k in beams:
+        with torch.no_grad():
+            ref = model.generate(input_ids=torch.from_numpy(src), attention_mask=torch.from_numpy(src_mask).long(),
+                                 max_new_tokens=max_new_tokens, num_beams=k, num_return_sequences=1,
+                                 do_sample=False).numpy()[:, 1:]  # [B, n]
+        kw = dict(max_new_tokens=max_new_tokens, bos_id=ids["decoder_start_id"], eos_id=ids["eos_id"], beam_size=k,
+                  **options)
+        outs = {"torch": torch_tx.decoding.generate(tm, torch.from_numpy(src), src_mask=torch.from_numpy(src_mask),
+                                                    **kw).numpy(),
+                "jax": np.asarray(jax_tx.decoding.generate(fm, fp, jnp.asarray(src), src_mask=jnp.asarray(src_mask),
+                                                           **kw))}
+        search = "greedy" if k == 1 else f"beam {k}"
+        for twin, got in outs.items():
+            length = max(got.shape[1], ref.shape[1])
+            diff = float(np.mean(_same_length(got, length, cfg.pad_id) != _same_length(ref, length, cfg.pad_id)))
+            rows.append(Check(f"{label} generate->{twin} {search} tokens ({ref.size} tokens)", "float32", diff, diff,
+                              0.0))
     return rows
 
 
@@ -178,10 +189,10 @@ def reference_rows(path: str, cfg: TransformerConfig, weights: Mapping[str, np.n
     for dtype in ("float64", "float32"):
         if dtype in dtypes:
             rows += compare_reference(model, cfg, weights, inputs, dtype, label)
-    rows += compare_greedy(model, cfg, weights, inputs.src, inputs.src_mask, ids, min(cfg.max_len - 1, 2 * length + 4),
-                           label)
+    rows += compare_generate(model, cfg, weights, inputs.src, inputs.src_mask, ids,
+                             min(cfg.max_len - 1, 2 * length + 4), label)
     return rows
 
 
-__all__ = ["GRAD_FLOORS", "compare_greedy", "compare_reference", "forced_eos", "hf_param_names", "load_reference", "reference_inputs", "reference_rows",
-           "run_reference"]
+__all__ = ["GRAD_FLOORS", "compare_generate", "compare_reference", "generation_options", "hf_param_names",
+           "load_reference", "reference_inputs", "reference_rows", "run_reference"]

@@ -30,7 +30,7 @@ from parity.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError
 FRAMEWORKS = ("torch", "jax")
 BUCKET = 8
 FLAGS = {"beam_size": "--beam", "length_penalty": "--length-penalty", "temperature": "--temperature",
-         "top_k": "--top-k", "top_p": "--top-p"}
+         "top_k": "--top-k", "top_p": "--top-p", "beam_rule": "--beam-rule", "forced_eos": "--forced-eos"}
 
 
 class TranslateError(ValueError):
@@ -41,7 +41,9 @@ class TranslateError(ValueError):
 class DecodeOptions:
     """How `generate` picks tokens: beam search (beam_size > 1), sampling (temperature > 0) or greedy.
 
-    max_new_tokens None: min(max_len, 2 * padded source length + 10) per batch.
+    max_new_tokens None: min(max_len, 2 * padded source length + 10) per batch. beam_rule "hf" and forced_eos
+    with length_penalty 1.0 decode as transformers' `generate(num_beams=K)` does under an opus-mt generation config
+    (`parity.decoding.BEAM_RULES`).
     """
 
     beam_size: int = 1
@@ -51,11 +53,14 @@ class DecodeOptions:
     top_p: float = 1.0
     seed: int | None = None
     max_new_tokens: int | None = None
+    beam_rule: str = "twin"
+    forced_eos: bool = False
 
     def __post_init__(self) -> None:
         try:
             check_decoding_options(beam_size=self.beam_size, length_penalty=self.length_penalty,
-                                   temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, names=FLAGS)
+                                   temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                                   beam_rule=self.beam_rule, forced_eos=self.forced_eos, names=FLAGS)
         except ValueError as e:
             raise TranslateError(str(e)) from None
         if self.temperature == 0 and (self.top_k or self.top_p < 1.0):

@@ -201,6 +201,41 @@ def test_greedy_and_beam_tokens_match_across_twins(cfg, source, seed, beam_size,
         assert ended.any(1).all()
 
 
+@settings(max_examples=8)
+@given(cfg=configs(), source=st.sampled_from(suite.TWINS), seed=st.integers(0, 2**31 - 1),
+       beam_size=st.sampled_from([1, 2, 3]), alpha=st.sampled_from([0.0, 1.0, 2.0]), eos=st.integers(2, 6),
+       forced_eos=st.booleans())
+def test_hf_beam_rule_and_forced_eos_match_across_twins(cfg, source, seed, beam_size, alpha, eos, forced_eos):
+    """beam_rule "hf" (transformers' scoring, pool and stopping) and forced_eos give the same tokens in both
+    twins; with forced_eos every row that runs to max_new_tokens ends in EOS."""
+    twins = Twins.random(cfg, source, seed)
+    src = _sources(cfg, np.random.default_rng(seed))
+    kw = dict(max_new_tokens=6, beam_size=beam_size, length_penalty=alpha, eos_id=eos, forced_eos=forced_eos)
+    tokens_t, tokens_j = twins.generate(src, beam_rule="hf", **kw)
+    np.testing.assert_array_equal(tokens_t, tokens_j)
+    if forced_eos:
+        assert tokens_t.shape[1] <= 6 and (tokens_t == eos).any(1).all()
+
+
+def test_forced_eos_by_hand(small_twins):
+    """Greedy: forced_eos changes only the last step: the first max_new_tokens - 1 tokens are the unforced
+    search's, and the last is EOS in every row that had not ended (pad in those that had). (In a beam search the
+    forced EOS, scoring 0, can also let a longer hypothesis overtake one that ended early.)"""
+    src = np.array([[3, 4, 5, 6], [7, 8, 0, 0], [4, 4, 4, 0]])
+    pad = small_twins.cfg.pad_id
+    for steps in (2, 4, 7):
+        free = small_twins.generate(src, max_new_tokens=steps)
+        forced = small_twins.generate(src, max_new_tokens=steps, forced_eos=True)
+        for got, unforced in zip(forced, free):
+            unforced = np.pad(unforced, ((0, 0), (0, steps - unforced.shape[1])), constant_values=pad)
+            unforced = unforced[:, :steps - 1]  # [B, steps - 1]
+            ended = (unforced == EOS).any(1)  # [B]
+            expected = np.concatenate([unforced, np.where(ended, pad, EOS)[:, None]], 1)  # [B, steps]
+            np.testing.assert_array_equal(np.pad(got, ((0, 0), (0, steps - got.shape[1])), constant_values=pad),
+                                          expected)
+    assert (expected[:, -1] == EOS).any() and ended.any()  # both kinds of row, at 7 steps
+
+
 def _greedy_by_prefix_recomputation(model: torch_tx.Transformer, src: torch.Tensor, steps: int,
                                     eos_id: int) -> np.ndarray:
     """The textbook loop: re-run the decoder on the whole prefix at every step (its padding mask derived from
@@ -369,6 +404,8 @@ def test_sampled_first_tokens_follow_the_model_distribution(small_twins):
     (dict(beam_size=2, temperature=0.5), "beam search is deterministic"),
     (dict(eos_id=9), r"eos_id must be a target token id in \[0, 9\)"),
     (dict(beam_size=2.0), "beam_size must be an int"),
+    (dict(beam_size=2, beam_rule="fairseq"), "beam_rule must be one of twin, hf, got 'fairseq'"),
+    (dict(forced_eos=1), "forced_eos must be a bool, got 1"),
 ], ids=lambda v: str(v) if isinstance(v, dict) else "")
 @pytest.mark.parametrize("twin", ["torch", "jax"])
 def test_bad_arguments_are_clear_errors(small_twins, twin, kw, message):

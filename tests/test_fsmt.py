@@ -63,12 +63,12 @@ def test_differing_encoder_and_decoder_sizes_are_refused_by_field(tmp_path):
         read_hf_dir(tmp_path)
 
 
-def test_greedy_tokens_equal_transformers_generate():
-    from parity.hf_reference import compare_greedy
+def test_greedy_and_beam_tokens_equal_transformers_generate():
+    from parity.hf_reference import compare_generate
 
     model = fsmt_model(7)
     cfg, weights = fsmt.from_hf_fsmt(model)
     inputs = reference_inputs(cfg, 2, 4, 7, 2, np.random.default_rng(7))
-    rows = compare_greedy(model, cfg, weights, inputs.src, inputs.src_mask, fsmt.special_ids(model.config.to_dict()),
-                          12, "fsmt")
-    assert len(rows) == 2 and all(r.passed for r in rows), rows
+    rows = compare_generate(model, cfg, weights, inputs.src, inputs.src_mask, fsmt.special_ids(model.config.to_dict()),
+                            12, "fsmt")
+    assert len(rows) == 4 and all(r.passed for r in rows), rows

@@ -166,20 +166,26 @@ def test_the_fixture_is_what_opus_mt_configs_say():
     assert cfg.activation_function == "swish" and cfg.scale_embedding and cfg.pad_token_id == cfg.vocab_size - 1
 
 
-@settings(max_examples=4)
-@given(seed=st.integers(0, 2**16), bias_to_pad=st.booleans())
-def test_greedy_tokens_equal_transformers_generate(seed, bias_to_pad):
-    """generate(num_beams=1) with the checkpoint's generation config (bad_words_ids [[pad]], forced EOS at
-    the last step) against both twins' greedy search; with bias_to_pad the logits favour pad, which neither
-    may emit."""
-    from parity.hf_reference import compare_greedy
+@settings(max_examples=6)
+@given(seed=st.integers(0, 2**16), bias=st.sampled_from([None, "pad", "eos"]), beam=st.sampled_from([2, 4]),
+       length_penalty=st.sampled_from([1.0, 0.6, 0.0]))
+def test_greedy_and_beam_tokens_equal_transformers_generate(seed, bias, beam, length_penalty):
+    """generate(num_beams=1 and K) with the checkpoint's generation config (bad_words_ids [[pad]], forced EOS at
+    the last step, length_penalty) against both twins' greedy and beam search (beam_rule "hf", forced_eos);
+    with a bias the logits favour pad, which neither may emit, or EOS, so that hypotheses finish at many
+    lengths and the stopping rule decides."""
+    from parity.hf_reference import compare_generate
 
     model = marian_model(seed)
-    if bias_to_pad:
+    model.generation_config.length_penalty = length_penalty
+    if bias is not None:
         with torch.no_grad():
-            model.final_logits_bias[0, model.config.pad_token_id] += 50.0
+            row = model.config.pad_token_id if bias == "pad" else model.config.eos_token_id
+            model.final_logits_bias[0, row] += 50.0 if bias == "pad" else 1.5
     cfg, weights = convert.from_hf_marian(model)
     rng = np.random.default_rng(seed)
     inputs = reference_inputs(cfg, model.config.decoder_start_token_id, 4, 7, 2, rng)
     ids = {"pad_id": cfg.pad_id, "eos_id": 0, "decoder_start_id": model.config.decoder_start_token_id}
-    _assert_all_pass(compare_greedy(model, cfg, weights, inputs.src, inputs.src_mask, ids, 12, "marian"))
+    rows = compare_generate(model, cfg, weights, inputs.src, inputs.src_mask, ids, 12, "marian", beams=(1, beam))
+    assert len(rows) == 4
+    _assert_all_pass(rows)

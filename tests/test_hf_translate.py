@@ -1,8 +1,8 @@
 """Hugging Face directories through the user commands: `twin translate` / `twin eval` on an opus-mt-like directory
 (MarianTokenizer, the decoder starting from pad) give transformers' own greedy tokens in both frameworks;
 `twin train --init-from HF_DIR` fine-tunes it in JAX, and its run translates as the model it exports with
-`--to hf-marian` does in transformers. transformers' forced EOS at max_length is switched off in the reference:
-the twins have no forced EOS (`parity.hf_reference.compare_greedy` emulates it)."""
+`--to hf-marian` does in transformers; beam search with --beam-rule hf --forced-eos is transformers' own
+`generate(num_beams=4)` under the directory's generation config."""
 
 from __future__ import annotations
 
@@ -39,16 +39,18 @@ def opus_dir(tmp_path_factory):
     return save_marian_dir(tmp_path_factory.mktemp("opus-mt"), model=model)
 
 
-def hf_greedy(directory, texts: list[str], steps: int = STEPS) -> list[list[int]]:
-    """transformers' greedy ids of each text (what follows the decoder start, up to and with the first eos), from
-    the directory's own MarianMTModel, MarianTokenizer and generation_config.json."""
+def hf_greedy(directory, texts: list[str], steps: int = STEPS, beams: int = 1, forced: bool = False) -> list[list[int]]:
+    """transformers' greedy (or beam) ids of each text (what follows the decoder start, up to and with the first
+    eos), from the directory's own MarianMTModel, MarianTokenizer and generation_config.json (its forced EOS
+    only with `forced`)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     model = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(directory), local_files_only=True).eval()
     batch = tokenizer(texts, return_tensors="pt", padding=True)
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=steps, num_beams=1, do_sample=False, forced_eos_token_id=None)
+        out = model.generate(**batch, max_new_tokens=steps, num_beams=beams, do_sample=False,
+                             **({} if forced else {"forced_eos_token_id": None}))
     assert (out[:, 0] == model.config.decoder_start_token_id).all()
     return [_until_eos(row[1:].tolist(), model.config.eos_token_id) for row in out]
 
@@ -57,9 +59,10 @@ def _until_eos(ids: list[int], eos: int) -> list[int]:
     return ids[:ids.index(eos) + 1] if eos in ids else ids
 
 
-def twin_greedy(directory, texts: list[str], framework: str, steps: int = STEPS) -> list[list[int]]:
+def twin_greedy(directory, texts: list[str], framework: str, steps: int = STEPS, **options) -> list[list[int]]:
     translator = Translator.load(directory, framework)
-    rows = translator.generate_ids(translator.encode(texts), DecodeOptions(max_new_tokens=steps), batch_size=5)
+    rows = translator.generate_ids(translator.encode(texts), DecodeOptions(max_new_tokens=steps, **options),
+                                   batch_size=5)
     return [_until_eos(row.tolist(), translator.tokenizer.eos_id) for row in rows]
 
 
@@ -75,10 +78,25 @@ def test_translate_on_an_opus_mt_directory_gives_transformers_greedy_tokens(opus
     assert translator.translate(texts, max_new_tokens=STEPS) == [translator.tokenizer.decode(r) for r in expected]
 
 
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_beam_search_with_the_hf_rule_gives_transformers_beam_tokens(opus_dir, texts, framework):
+    """generate(num_beams=4) with opus-mt's generation config (forced EOS, length_penalty 1.0, bad_words_ids)
+    against Translator with beam_rule "hf" and forced_eos: the same tokens, every row ending in EOS."""
+    expected = hf_greedy(opus_dir, texts, beams=4, forced=True)
+    got = twin_greedy(opus_dir, texts, framework, beam_size=4, beam_rule="hf", forced_eos=True, length_penalty=1.0)
+    assert got == expected
+    assert all(row[-1] == 0 for row in expected)
+    assert got != twin_greedy(opus_dir, texts, framework, beam_size=4, forced_eos=True)  # the twin rule differs
+
+
 def test_twin_translate_and_eval_commands_read_the_directory(opus_dir, texts, tmp_path, capsys):
     assert cli.main(["translate", str(opus_dir), *texts[:3], "--max-new-tokens", str(STEPS)]) == 0
     tokenizer = HFTokenizer.load(opus_dir)
     assert capsys.readouterr().out.splitlines() == [tokenizer.decode(r) for r in hf_greedy(opus_dir, texts[:3])]
+    assert cli.main(["translate", str(opus_dir), *texts[:3], "--max-new-tokens", str(STEPS), "--beam", "4",
+                     "--beam-rule", "hf", "--forced-eos", "--length-penalty", "1", "--framework", "jax"]) == 0
+    assert capsys.readouterr().out.splitlines() == [tokenizer.decode(r) for r in
+                                                    hf_greedy(opus_dir, texts[:3], beams=4, forced=True)]
     report = tmp_path / "eval.json"
     assert cli.main(["eval", str(opus_dir), "--data", "builtin", "--limit", "6", "--framework", "jax", "--json",
                      str(report)]) == 0

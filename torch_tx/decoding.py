@@ -21,14 +21,17 @@ from torch_tx.model import DecoderOnly, Transformer
 @torch.no_grad()
 def generate(model: Transformer | DecoderOnly, src: torch.Tensor, *, max_new_tokens: int, bos_id: int, eos_id: int,
              beam_size: int = 1, length_penalty: float = 0.6, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int | None = None, src_mask: torch.Tensor | None = None) -> torch.Tensor:
+             top_p: float = 1.0, seed: int | None = None, src_mask: torch.Tensor | None = None,
+             beam_rule: str = "twin", forced_eos: bool = False) -> torch.Tensor:
     """Output ids (B, n <= max_new_tokens) for src (B, S), without BOS, pad after EOS.
 
     No search emits the config's pad_id or bos_id (unless it is eos_id): `parity.decoding.forbidden_ids`.
     beam_size 1 and temperature 0: greedy, the argmax over the other ids. temperature > 0: sampling from
     softmax(logits / temperature) renormalised over the other ids, then restricted to the top_k tokens (0: all)
     and to the smallest set whose probability reaches top_p. beam_size > 1: beam search, hypotheses scored by
-    their summed log-probabilities under the model / ((5 + len) / 6) ** length_penalty.
+    their summed log-probabilities under the model / ((5 + len) / 6) ** length_penalty, or with
+    beam_rule="hf" as transformers' `generate(num_beams=...)` scores, keeps and stops (`BEAM_RULES`).
+    forced_eos: the last step (new token max_new_tokens) can only be EOS, as transformers' forced_eos_token_id.
     n is the number of steps taken: decoding stops once every sequence has finished (or, for beams, once
     no live hypothesis can beat the finished ones).
 
@@ -38,7 +41,8 @@ def generate(model: Transformer | DecoderOnly, src: torch.Tensor, *, max_new_tok
     beam_size > 1 raises ValueError (greedy or sampling only).
     """
     check_generate_args(model.cfg, max_new_tokens=max_new_tokens, bos_id=bos_id, eos_id=eos_id, beam_size=beam_size,
-                        length_penalty=length_penalty, temperature=temperature, top_k=top_k, top_p=top_p)
+                        length_penalty=length_penalty, temperature=temperature, top_k=top_k, top_p=top_p,
+                        beam_rule=beam_rule, forced_eos=forced_eos)
     if isinstance(model, DecoderOnly):
         check_prompt(model.cfg, tuple(src.shape), max_new_tokens=max_new_tokens, beam_size=beam_size)
     was_training = model.training
@@ -55,13 +59,13 @@ def generate(model: Transformer | DecoderOnly, src: torch.Tensor, *, max_new_tok
         if isinstance(model, DecoderOnly):
             return sample_continuation(model, src, src_pad, max_new_tokens=max_new_tokens, bos_id=bos_id,
                                        eos_id=eos_id, temperature=temperature, top_k=top_k, top_p=top_p,
-                                       generator=generator)
+                                       generator=generator, forced_eos=forced_eos)
         memory = model.encode(src, src_pad)  # [B, S, D]
         if beam_size > 1:
             return beam_search(model, memory, src_pad, max_new_tokens=max_new_tokens, bos_id=bos_id, eos_id=eos_id,
-                               beam_size=beam_size, alpha=length_penalty)
+                               beam_size=beam_size, alpha=length_penalty, rule=beam_rule, forced_eos=forced_eos)
         return sample(model, memory, src_pad, max_new_tokens=max_new_tokens, bos_id=bos_id, eos_id=eos_id,
-                      temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+                      temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, forced_eos=forced_eos)
     finally:
         model.train(was_training)
 
@@ -91,6 +95,16 @@ def forbid(scores: torch.Tensor, ids: tuple[int, ...]) -> torch.Tensor:
     return scores.index_fill(-1, torch.tensor(ids, device=scores.device), torch.finfo(scores.dtype).min)  # [B, V]
 
 
+def force_eos(scores: torch.Tensor, eos_id: int, forced) -> torch.Tensor:
+    """scores (B, V) where `forced` (a bool: the last step of a forced_eos search): 0 at eos_id, every other entry
+    floored as `forbid` floors (transformers' ForcedEOSTokenLogitsProcessor: the forced EOS adds nothing to a
+    beam's score); unchanged elsewhere."""
+    if not forced:
+        return scores
+    keep = torch.arange(scores.shape[-1], device=scores.device) == eos_id  # [V]
+    return torch.full_like(scores, torch.finfo(scores.dtype).min).masked_fill(keep, 0.0)  # [B, V]
+
+
 def next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                generator: torch.Generator | None, forbidden: tuple[int, ...] = ()) -> torch.Tensor:
     """logits (B, V) -> token ids (B,), never one of `forbidden`: the argmax at temperature 0, else a draw from
@@ -104,7 +118,7 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
 
 def sample(model: Transformer, memory: torch.Tensor, src_mask: torch.Tensor, *, max_new_tokens: int, bos_id: int,
            eos_id: int, temperature: float, top_k: int, top_p: float,
-           generator: torch.Generator | None) -> torch.Tensor:
+           generator: torch.Generator | None, forced_eos: bool = False) -> torch.Tensor:
     """Greedy or sampled tokens (B, n) for memory (B, S, D), one cached decoder step per token."""
     b, device = memory.shape[0], memory.device
     fed = torch.ones(b, 1, dtype=torch.bool, device=device)  # [B, 1]
@@ -117,14 +131,15 @@ def sample(model: Transformer, memory: torch.Tensor, src_mask: torch.Tensor, *, 
     token = torch.full((b, 1), bos_id, dtype=torch.long, device=device)  # [B, 1]
     done = torch.zeros(b, dtype=torch.bool, device=device)  # [B]
     cache = model.init_cache(memory, src_mask, max_new_tokens)
-    choose = _chooser(temperature, top_k, top_p, generator, forbidden_ids(model.cfg, bos_id, eos_id))
+    choose = _chooser(temperature, top_k, top_p, generator, forbidden_ids(model.cfg, bos_id, eos_id),
+                      max_new_tokens - 1 if forced_eos else None, eos_id)
     return _sample_loop(decode_step, choose, 0, out, token, cache, done, max_new_tokens=max_new_tokens,
                         eos_id=eos_id, pad_id=model.cfg.pad_id)
 
 
 def sample_continuation(model: DecoderOnly, prompt: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
                         bos_id: int, eos_id: int, temperature: float, top_k: int, top_p: float,
-                        generator: torch.Generator | None) -> torch.Tensor:
+                        generator: torch.Generator | None, forced_eos: bool = False) -> torch.Tensor:
     """Greedy or sampled continuations (B, n) of prompt (B, P) with padding mask (B, P).
 
     One cached call reads BOS + the prompt (each row's real tokens at positions 0..; padding repeats the
@@ -144,7 +159,8 @@ def sample_continuation(model: DecoderOnly, prompt: torch.Tensor, prompt_mask: t
         logits, cache = model.decode(token, fed, cache, tgt_positions=positions[:, -1:] + steps)  # [B, 1, V]
         return logits[:, -1], cache  # [B, V]
 
-    choose = _chooser(temperature, top_k, top_p, generator, forbidden_ids(model.cfg, bos_id, eos_id))
+    choose = _chooser(temperature, top_k, top_p, generator, forbidden_ids(model.cfg, bos_id, eos_id),
+                      max_new_tokens - 1 if forced_eos else None, eos_id)
     out = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [B, N]
     out, token, done = _pick(choose, logits, 0, out, torch.zeros(b, dtype=torch.bool, device=device),
                              eos_id=eos_id, pad_id=pad_id)  # token [B, 1]
@@ -153,7 +169,8 @@ def sample_continuation(model: DecoderOnly, prompt: torch.Tensor, prompt_mask: t
 
 
 def beam_search(model: Transformer, memory: torch.Tensor, src_mask: torch.Tensor, *, max_new_tokens: int,
-                bos_id: int, eos_id: int, beam_size: int, alpha: float) -> torch.Tensor:
+                bos_id: int, eos_id: int, beam_size: int, alpha: float, rule: str = "twin",
+                forced_eos: bool = False) -> torch.Tensor:
     """The best hypothesis (B, n) of a beam search over memory (B, S, D).
 
     Each step extends the K live hypotheses by every token, keeps the 2K best by summed log-probability,
@@ -165,10 +182,11 @@ def beam_search(model: Transformer, memory: torch.Tensor, src_mask: torch.Tensor
     The forbidden ids' log-probabilities are floored (not renormalised: a hypothesis scores its
     log-probability under the model, as in fairseq and Hugging Face), so every extension by an allowed
     token, a dead beam's included, outranks one by a forbidden token; EOS is allowed, so a forbidden
-    token is never returned.
+    token is never returned. rule="hf" scores, keeps and stops as transformers does (`parity.decoding.BEAM_RULES`);
+    forced_eos: at the last step only EOS extends a hypothesis.
     """
     b, k, n, pad_id = memory.shape[0], beam_size, max_new_tokens, model.cfg.pad_id
-    device, vocab = memory.device, model.cfg.tgt_vocab_size
+    device, vocab, hf = memory.device, model.cfg.tgt_vocab_size, rule == "hf"
     forbidden = forbidden_ids(model.cfg, bos_id, eos_id)
     cache = _map_cache(model.init_cache(memory, src_mask, n), lambda x: x.repeat_interleave(k, 0), self_only=False)
     dtype = torch.promote_types(memory.dtype, torch.float32)
@@ -180,17 +198,20 @@ def beam_search(model: Transformer, memory: torch.Tensor, src_mask: torch.Tensor
     token = torch.full((b * k, 1), bos_id, dtype=torch.long, device=device)  # [B*K, 1]
     fed = torch.ones(b * k, 1, dtype=torch.bool, device=device)  # [B*K, 1]
     first_row = torch.arange(b, device=device)[:, None] * k  # [B, 1]
+    top_ranks = torch.arange(2 * k, device=device) < k  # [2K]: the K best of the 2K extensions
+    done = torch.zeros(b, dtype=torch.bool, device=device)  # [B]: "hf" rows whose pool can no longer change
     steps, finished = 0, False
     while steps < n and not finished:
         logits, cache = model.decode(token, None, tgt_mask=fed, cache=cache)  # [B*K, 1, V]
         logp = forbid(torch.log_softmax(_at_least_float32(logits[:, -1]), -1), forbidden)  # [B*K, V]
-        logp = logp.view(b, k, vocab)  # [B, K, V]
+        logp = force_eos(logp, eos_id, forced_eos and steps == n - 1).view(b, k, vocab)  # [B, K, V]
         top_logp, top_index = _top_k((live_logp[:, :, None] + logp).view(b, k * vocab), 2 * k)  # [B, 2K]
         parent, chosen = top_index // vocab, top_index % vocab  # [B, 2K]
         seqs = live_tokens.gather(1, parent[:, :, None].expand(-1, -1, n)).clone()  # [B, 2K, N]
         seqs[:, :, steps] = chosen
         ended = chosen == eos_id  # [B, 2K]
-        scores = torch.cat([fin_scores, torch.where(ended, top_logp / length_penalty(steps + 1, alpha),
+        joins = (ended | (steps + 1 == n)) & top_ranks & ~done[:, None] if hf else ended  # [B, 2K]
+        scores = torch.cat([fin_scores, torch.where(joins, top_logp / length_penalty(steps + 1, alpha, rule),
                                                     NEG_INF)], 1)  # [B, 3K]
         fin_scores, pick = _top_k(scores, k)  # [B, K]
         fin_tokens = torch.cat([fin_tokens, seqs], 1).gather(1, pick[:, :, None].expand(-1, -1, n))  # [B, K, N]
@@ -201,7 +222,12 @@ def beam_search(model: Transformer, memory: torch.Tensor, src_mask: torch.Tensor
         token = chosen.gather(1, pick).view(b * k, 1)  # [B*K, 1]
         steps += 1
         dead = live_logp[:, 0] <= NEG_INF / 2  # [B]: no possible hypothesis is live (EOS was all that was left)
-        finished = bool(((fin_scores[:, -1] > live_logp[:, 0] / length_penalty(n, alpha)) | dead).all())
+        if hf:
+            done = done | ((fin_scores[:, -1] > NEG_INF / 2) &
+                           (live_logp[:, 0] / length_penalty(steps, alpha, rule) <= fin_scores[:, -1]))  # [B]
+            finished = bool((done | dead).all())
+        else:
+            finished = bool(((fin_scores[:, -1] > live_logp[:, 0] / length_penalty(n, alpha)) | dead).all())
     has_finished = (fin_scores[:, 0] > NEG_INF / 2)[:, None]  # [B, 1]
     return torch.where(has_finished, fin_tokens[:, 0], live_tokens[:, 0])[:, :steps]  # [B, n]
 
@@ -236,10 +262,15 @@ def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _chooser(temperature: float, top_k: int, top_p: float, generator: torch.Generator | None,
-             forbidden: tuple[int, ...]):
-    """choose(logits (B, V), steps) -> the token ids (B,) of output column `steps` (next_token's rule)."""
-    return lambda logits, steps: next_token(_at_least_float32(logits), temperature, top_k, top_p, generator,
-                                            forbidden)
+             forbidden: tuple[int, ...], forced_step: int | None = None, eos_id: int = 0):
+    """choose(logits (B, V), steps) -> the token ids (B,) of output column `steps` (next_token's rule); at column
+    `forced_step` (None: none) only eos_id."""
+    def choose(logits: torch.Tensor, steps: int) -> torch.Tensor:
+        forced = False if forced_step is None else steps == forced_step
+        return next_token(force_eos(_at_least_float32(logits), eos_id, forced), temperature, top_k, top_p,
+                          generator, forbidden)
+
+    return choose
 
 
 def _pick(choose, logits: torch.Tensor, steps: int, out: torch.Tensor, done: torch.Tensor, *, eos_id: int,
