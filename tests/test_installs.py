@@ -46,7 +46,7 @@ def build_venv(venv: Path, framework: str, lock: Path) -> float:
     start = time.perf_counter()
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], "venv", 120)
     pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q", "--no-compile"]
-    if framework == "torch":
+    if framework in ("torch", "hf"):  # [hf] needs torch: the CPU wheel first, so that pip pulls no CUDA
         _run([*pip, TORCH_PIN], f"pip install {TORCH_PIN}", 1200)
     with FileLock(str(lock)):  # the editable build writes ROOT/twin_transformer.egg-info: one build at a time
         _run([*pip, "-c", str(ROOT / "constraints.txt"), "-e", f"{ROOT}[{framework}]"],
@@ -96,6 +96,47 @@ def test_one_framework_install(framework, foreign, tmp_path, tmp_path_factory):
         start = time.perf_counter()
         shutil.rmtree(venv if home == tmp_path else home, ignore_errors=True)
         print(f"{framework}-only virtualenv removed in {time.perf_counter() - start:.0f} s")
+
+
+HF_SMOKE = """
+import subprocess, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])  # tests/: the offline fixtures
+from hf_fixtures import save_marian_dir
+work = Path(sys.argv[2])
+opus = save_marian_dir(work / "opus-mt", seed=3)
+def twin(*args):
+    r = subprocess.run([sys.executable, "-m", "parity.cli", *map(str, args)], capture_output=True, text=True)
+    print(f"twin {' '.join(map(str, args[:2]))}: {r.returncode}", r.stdout.strip()[-200:], r.stderr.strip()[-300:])
+    return r
+assert twin("convert", opus, work / "run", "--to", "safetensors").returncode == 0
+assert twin("convert", work / "run", work / "back", "--to", "hf-marian").returncode == 0
+r = twin("translate", opus, "one two three", "--max-new-tokens", "5")
+assert r.returncode == 0 and len(r.stdout.splitlines()) == 1
+r = twin("parity", opus)
+assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+    "twin parity: JAX/Flax is not installed (it runs both twins): pip install 'twin-transformer[jax]'"], r.stderr
+print("hf install: 0 failed checks")
+"""
+
+
+def test_hf_extra_install_reads_translates_and_exports_opus_mt(tmp_path, tmp_path_factory):
+    """`pip install -e '.[hf]'` alone (torch, transformers, sentencepiece; no JAX): an opus-mt-like directory
+    converts in and back out, translates through its MarianTokenizer, and twin parity names the missing extra."""
+    home = venv_home(tmp_path)
+    venv = home / "venv-hf"
+    try:
+        seconds = build_venv(venv, "hf", tmp_path_factory.getbasetemp().parent / "editable-install.lock")
+        env = {k: v for k, v in os.environ.items() if k not in CLEARED}
+        env.update(PATH=f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONNOUSERSITE="1",
+                   PYTHONPYCACHEPREFIX=str(home / "pycache"), OMP_NUM_THREADS="1")
+        result = subprocess.run([str(venv / "bin" / "python"), "-c", HF_SMOKE, str(ROOT / "tests"), str(tmp_path)],
+                                capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env, timeout=1200)
+        print(f"hf-only virtualenv built in {seconds:.0f} s\n{result.stdout}")
+        assert result.returncode == 0, f"{result.stdout[-8000:]}\n{result.stderr[-4000:]}"
+        assert "hf install: 0 failed checks" in result.stdout
+    finally:
+        shutil.rmtree(venv if home == tmp_path else home, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------ parity.extras in this process
