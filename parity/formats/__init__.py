@@ -173,7 +173,8 @@ def detect(path: str | os.PathLike) -> tuple[str, Path]:
             return detect((standard or candidates)[0])
         if not candidates:
             raise _fail(path, "is a directory where a file was expected: it holds no weights file "
-                        f"({', '.join(FILE_SUFFIXES)}) and is not an orbax checkpoint")
+                        f"({', '.join(FILE_SUFFIXES)}) and is not an orbax checkpoint or a Hugging Face Marian/FSMT "
+                        "directory (config.json with a model_type)")
         raise _fail(path, f"holds several weights files ({', '.join(p.name for p in candidates)}): name one")
     head, size = _read_head(path, 16)
     if size == 0:
@@ -181,7 +182,8 @@ def detect(path: str | os.PathLike) -> tuple[str, Path]:
     for f in DETECTION:
         if f.kind == "file" and f.test(head, path.suffix):
             return f.container, path
-    raise _fail(path, "unrecognised format (not safetensors, a PyTorch state dict, flax msgpack or orbax)")
+    raise _fail(path, "unrecognised format (not safetensors, a PyTorch state dict or flax msgpack; orbax "
+                "checkpoints and Hugging Face Marian/FSMT models are directories)")
 
 
 # ---------------------------------------------------------------------------------------------- reading
