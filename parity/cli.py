@@ -143,12 +143,15 @@ def _read_stdin() -> tuple[list[str], list[str]]:
 
 def _decode_options(args: argparse.Namespace):
     """DecodeOptions of the command line (eval has no sampling arguments)."""
-    from parity.translate import DecodeOptions
+    from parity.translate import DecodeOptions, generation_config_options
 
-    return DecodeOptions(beam_size=args.beam, length_penalty=args.length_penalty,
-                         temperature=getattr(args, "temperature", 0.0), top_k=getattr(args, "top_k", 0),
+    fields = dict(beam_size=args.beam, length_penalty=args.length_penalty, beam_rule=args.beam_rule,
+                  forced_eos=args.forced_eos)
+    if args.hf_generation:
+        fields.update(generation_config_options(args.run_dir))
+    return DecodeOptions(temperature=getattr(args, "temperature", 0.0), top_k=getattr(args, "top_k", 0),
                          top_p=getattr(args, "top_p", 1.0), seed=getattr(args, "seed", None),
-                         max_new_tokens=args.max_new_tokens, beam_rule=args.beam_rule, forced_eos=args.forced_eos)
+                         max_new_tokens=args.max_new_tokens, **fields)
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
@@ -323,6 +326,9 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
                    "early_stopping=False; use --length-penalty 1.0 for its default)")
     p.add_argument("--forced-eos", action="store_true", help="the last token is EOS where a sentence has not "
                    "ended (transformers' forced_eos_token_id, which opus-mt configs set)")
+    p.add_argument("--hf-generation", action="store_true", help="decode as transformers' generate does under "
+                   "RUN_DIR's generation_config.json (num_beams, length_penalty, forced EOS; --beam-rule hf): "
+                   "replaces --beam, --length-penalty, --beam-rule and --forced-eos")
     p.add_argument("--max-new-tokens", type=int, help="output tokens at most (default min(max_len, 2 * padded "
                    "source length + 10))")
     p.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default 64)")

@@ -35,6 +35,22 @@ BEAM_RULES = ("twin", "hf")
   join the pool, EOS or not."""
 
 
+def hf_generation_options(config: Mapping, eos_id: int, where: str = "generation_config.json") -> dict:
+    """The twins' `generate` options that decode as transformers' `generate` does under a generation config
+    (a dict of generation_config.json; fields left out or None take transformers' defaults): beam_size
+    (num_beams), length_penalty, beam_rule "hf", forced_eos (forced_eos_token_id == eos_id). ValueError,
+    naming the field, for what the twins do not implement: early_stopping other than false, do_sample."""
+    early = config.get("early_stopping")
+    if early not in (None, False):
+        raise ValueError(f"{where}: early_stopping {early!r}: the twins' beam_rule 'hf' is transformers' "
+                         f"early_stopping=False")
+    if config.get("do_sample"):
+        raise ValueError(f"{where}: do_sample is true: sample with a temperature instead")
+    beams, penalty = config.get("num_beams"), config.get("length_penalty")
+    return {"beam_size": 1 if beams is None else int(beams), "length_penalty": 1.0 if penalty is None else
+            float(penalty), "beam_rule": "hf", "forced_eos": config.get("forced_eos_token_id") == eos_id}
+
+
 def length_penalty(length, alpha: float, rule: str = "twin"):
     """The divisor of a hypothesis' summed log-probability: ((5 + length) / 6) ** alpha (Wu et al. 2016) for
     the "twin" rule, length ** alpha (transformers) for "hf"; length counts the new tokens, EOS included."""

@@ -110,17 +110,13 @@ def _same_length(a: np.ndarray, length: int, pad_id: int) -> np.ndarray:
 
 
 def generation_options(model: Any, eos_id: int) -> dict[str, Any]:
-    """The twins' decoding options that do what the model's generation config makes transformers'
-    `generate` do: forced_eos (forced_eos_token_id == eos), beam_rule "hf" with its length_penalty (1.0 by
-    default). ValueError for an early_stopping the twins do not implement (True, "never")."""
-    config = model.generation_config  # transformers 5: a field left unset is None, meaning its default
-    early = getattr(config, "early_stopping", None)
-    if early not in (None, False):
-        raise ValueError(f"generation_config.json: early_stopping {early!r}: the twins' beam_rule 'hf' is "
-                         f"transformers' early_stopping=False")
-    penalty = getattr(config, "length_penalty", None)
-    return {"forced_eos": getattr(config, "forced_eos_token_id", None) == eos_id, "beam_rule": "hf",
-            "length_penalty": 1.0 if penalty is None else float(penalty)}
+    """The twins' decoding options that do what the model's generation config makes transformers' `generate`
+    do (`parity.decoding.hf_generation_options`), less num_beams, which the caller picks."""
+    from parity.decoding import hf_generation_options
+
+    options = hf_generation_options(model.generation_config.to_dict(), eos_id)
+    options.pop("beam_size")
+    return options
 
 
 def compare_generate(model: Any, cfg: TransformerConfig, weights: Mapping[str, np.ndarray], src: np.ndarray,

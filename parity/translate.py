@@ -74,6 +74,24 @@ class DecodeOptions:
         return kw
 
 
+def generation_config_options(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """DecodeOptions fields that decode as transformers' `generate` does under the directory's
+    generation_config.json (`parity.decoding.hf_generation_options`); TranslateError naming the file or field."""
+    from parity.checkpoint import read_json
+    from parity.decoding import hf_generation_options
+    from parity.formats.hf_dir import GENERATION_CONFIG
+
+    file = Path(run_dir) / GENERATION_CONFIG
+    if not file.is_file():
+        raise TranslateError(f"{file}: no such file (--hf-generation reads the decoding settings of a Hugging Face "
+                             f"directory, or of a run converted or fine-tuned from one)")
+    config = read_json(file, "generation config", error=TranslateError)
+    try:
+        return hf_generation_options(config, config.get("eos_token_id"), str(file))
+    except (ValueError, TypeError) as e:
+        raise TranslateError(str(e)) from None
+
+
 # ---------------------------------------------------------------------------------- backends
 
 class _TorchBackend:

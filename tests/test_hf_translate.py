@@ -97,11 +97,25 @@ def test_twin_translate_and_eval_commands_read_the_directory(opus_dir, texts, tm
                      "--beam-rule", "hf", "--forced-eos", "--length-penalty", "1", "--framework", "jax"]) == 0
     assert capsys.readouterr().out.splitlines() == [tokenizer.decode(r) for r in
                                                     hf_greedy(opus_dir, texts[:3], beams=4, forced=True)]
+    assert cli.main(["translate", str(opus_dir), *texts[:3], "--max-new-tokens", str(STEPS), "--hf-generation"]) == 0
+    assert capsys.readouterr().out.splitlines() == [tokenizer.decode(r) for r in  # num_beams 4 in the file
+                                                    hf_greedy(opus_dir, texts[:3], beams=4, forced=True)]
     report = tmp_path / "eval.json"
     assert cli.main(["eval", str(opus_dir), "--data", "builtin", "--limit", "6", "--framework", "jax", "--json",
                      str(report)]) == 0
     record = json.loads(report.read_text())
     assert record["sentences"] == 6 and 0 <= record["bleu"] <= 100 and record["framework"] == "jax"
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text("{}")
+    capsys.readouterr()
+    assert cli.main(["eval", str(bare), "--hf-generation"]) == 1
+    assert capsys.readouterr().err == (f"twin eval: {bare / 'generation_config.json'}: no such file (--hf-generation "
+                                       "reads the decoding settings of a Hugging Face directory, or of a run "
+                                       "converted or fine-tuned from one)\n")
+    (bare / "generation_config.json").write_text('{"early_stopping": true, "num_beams": 4}')
+    assert cli.main(["translate", str(bare), "x", "--hf-generation"]) == 1
+    assert "generation_config.json: early_stopping True" in capsys.readouterr().err
 
 
 def test_fine_tune_in_jax_from_hf_dir_then_export_translates_as_transformers_does(opus_dir, texts, tmp_path):
