@@ -12,7 +12,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from parity.config import TransformerConfig
-from parity.formats.hf_marian import ACTIVATIONS_IN, LAYER_NORM_EPS, MarianError, check_stacks, layer_key_map
+from parity.formats.hf_marian import (ACTIVATIONS_IN, LAYER_NORM_EPS, MarianError, check_leftovers, check_stacks,
+                                      layer_key_map)
 
 MODEL_TYPE = "fsmt"
 # FSMTConfig's defaults in transformers 5.24, for fields a config.json leaves out.
@@ -110,17 +111,8 @@ def from_state_dict(hf_weights: Mapping[str, Any], hf: Mapping[str, Any], where:
         out[ours] = first
         used.update(present)
     table = position_table("fairseq", cfg.max_len, cfg.d_model, cfg.pad_id)  # [max_len, D]: rows pad+1..
-    for key in POSITION_KEYS:
-        if key in hf_weights:
-            stored = np.asarray(hf_weights[key])
-            rows = stored[cfg.pad_id + 1:cfg.pad_id + 1 + cfg.max_len] if stored.ndim == 2 else stored
-            if rows.shape != table.shape or not np.array_equal(rows, table.astype(stored.dtype)):
-                raise FSMTError(f"{where}: {key} is not fairseq's sinusoidal table (shape {np.shape(stored)}); the "
-                                f"twins compute it and cannot take another")
-            used.add(key)
-    unknown = sorted(set(hf_weights) - used)
-    if unknown:
-        raise FSMTError(f"{where}: unexpected key {unknown[0]}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    check_leftovers(hf_weights, used, table, lambda stored: stored[cfg.pad_id + 1:cfg.pad_id + 1 + cfg.max_len]
+                    if stored.ndim == 2 else stored, "fairseq's", where)
     try:
         check_canonical(out, cfg)
     except ValueError as e:

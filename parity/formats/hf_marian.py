@@ -173,6 +173,25 @@ def _embedding_keys(share: bool, tie: bool) -> dict[str, tuple[str, ...]]:
             "generator.weight": dec if tie else ("lm_head.weight",)}
 
 
+def check_leftovers(hf_weights: Mapping[str, Any], used: set[str], table: np.ndarray, rows, label: str,
+                    where: str) -> None:
+    """MarianError unless every key of `hf_weights` is in `used` or is a stored position table (POSITION_KEYS)
+    whose rows (`rows(stored)`) equal `table` [max_len, D] (Marian and FSMT alike): the twins compute the table,
+    so a trained one cannot be taken; the first unexpected key is named."""
+    for key in POSITION_KEYS:
+        if key in hf_weights:
+            stored = np.asarray(hf_weights[key])
+            got = rows(stored)
+            if _shape(got) != _shape(table) or not np.array_equal(got, table.astype(stored.dtype)):
+                raise MarianError(f"{where}: {key} is not {label} sinusoidal table (shape {_shape(stored)}); the "
+                                  f"twins compute it and cannot take a trained one")
+            used.add(key)
+    unknown = sorted(set(hf_weights) - used)
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise MarianError(f"{where}: unexpected key {unknown[0]}{more}")
+
+
 def _shape(a: Any) -> tuple[int, ...]:
     return tuple(int(n) for n in a.shape)
 
@@ -215,16 +234,7 @@ def from_marian_state_dict(hf_weights: Mapping[str, Any], hf: Mapping[str, Any],
     if not share and "model.shared.weight" in hf_weights and _field(hf, "share_encoder_decoder_embeddings"):
         used.add("model.shared.weight")  # transformers 5 leaves it unused when tie_word_embeddings is false
     table = position_table("marian", cfg.max_len, cfg.d_model, cfg.pad_id)  # [max_len, D] float64
-    for key in POSITION_KEYS:
-        if key in hf_weights:
-            stored = np.asarray(hf_weights[key])
-            if _shape(stored) != _shape(table) or not np.array_equal(stored, table.astype(stored.dtype)):
-                raise MarianError(f"{where}: {key} is not Marian's sinusoidal table (shape {_shape(stored)}); the "
-                                  f"twins compute it and cannot take a trained one")
-            used.add(key)
-    unknown = sorted(set(hf_weights) - used)
-    if unknown:
-        raise MarianError(f"{where}: unexpected key {unknown[0]}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    check_leftovers(hf_weights, used, table, lambda stored: stored, "Marian's", where)
     try:
         check_canonical(out, cfg)
     except ValueError as e:
