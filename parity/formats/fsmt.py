@@ -13,7 +13,7 @@ import numpy as np
 
 from parity.config import TransformerConfig
 from parity.formats.hf_marian import (ACTIVATIONS_IN, LAYER_NORM_EPS, MarianError, check_leftovers, check_stacks,
-                                      layer_key_map)
+                                      layer_key_map, take_layers)
 
 MODEL_TYPE = "fsmt"
 # FSMTConfig's defaults in transformers 5.24, for fields a config.json leaves out.
@@ -25,7 +25,6 @@ DEFAULTS: dict[str, Any] = {
     "decoder_start_token_id": 2, "scale_embedding": True, "tie_word_embeddings": False, "pad_token_id": 1,
     "eos_token_id": 2,
 }
-POSITION_KEYS = ("model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight")
 FSMTError = MarianError
 PAD_POSITIONS_DIFFER = True  # fairseq's pad tokens get a zero position vector; only padded outputs differ
 
@@ -93,13 +92,7 @@ def from_state_dict(hf_weights: Mapping[str, Any], hf: Mapping[str, Any], where:
     from parity.numerics import position_table
 
     cfg = config_from_hf(hf)
-    out: dict[str, np.ndarray] = {}
-    used: set[str] = set()
-    for ours, theirs in layer_key_map(cfg).items():
-        if theirs not in hf_weights:
-            raise FSMTError(f"{where}: missing key {theirs}")
-        out[ours] = np.asarray(hf_weights[theirs])
-        used.add(theirs)
+    out, used = take_layers(hf_weights, cfg, where)
     for ours, keys in _embedding_keys(cfg.tie_output).items():
         present = [k for k in keys if k in hf_weights]
         if not present:

@@ -173,6 +173,20 @@ def _embedding_keys(share: bool, tie: bool) -> dict[str, tuple[str, ...]]:
             "generator.weight": dec if tie else ("lm_head.weight",)}
 
 
+def take_layers(hf_weights: Mapping[str, Any], cfg: TransformerConfig,
+                where: str) -> tuple[dict[str, np.ndarray], set[str]]:
+    """(canonical weights of every layer's key, the transformers keys used), by `layer_key_map` (Marian and FSMT
+    alike); MarianError naming the first missing key."""
+    out: dict[str, np.ndarray] = {}
+    used: set[str] = set()
+    for ours, theirs in layer_key_map(cfg).items():
+        if theirs not in hf_weights:
+            raise MarianError(f"{where}: missing key {theirs}")
+        out[ours] = np.asarray(hf_weights[theirs])
+        used.add(theirs)
+    return out, used
+
+
 def check_leftovers(hf_weights: Mapping[str, Any], used: set[str], table: np.ndarray, rows, label: str,
                     where: str) -> None:
     """MarianError unless every key of `hf_weights` is in `used` or is a stored position table (POSITION_KEYS)
@@ -206,13 +220,7 @@ def from_marian_state_dict(hf_weights: Mapping[str, Any], hf: Mapping[str, Any],
 
     cfg = config_from_marian(hf)
     share, tie = embedding_layout(hf)
-    out: dict[str, np.ndarray] = {}
-    used: set[str] = set()
-    for ours, theirs in layer_key_map(cfg).items():
-        if theirs not in hf_weights:
-            raise MarianError(f"{where}: missing key {theirs}")
-        out[ours] = np.asarray(hf_weights[theirs])
-        used.add(theirs)
+    out, used = take_layers(hf_weights, cfg, where)
     for ours, keys in _embedding_keys(share, tie).items():
         present = [k for k in keys if k in hf_weights]
         if not present:
