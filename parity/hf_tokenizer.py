@@ -71,6 +71,12 @@ class HFTokenizer:
         self.unk_id = -1 if hf_tokenizer.unk_token_id is None else hf_tokenizer.unk_token_id  # -1: no unk (byte-level)
 
     @property
+    def kind(self) -> str:
+        """transformers' tokenizer class (MarianTokenizer, PreTrainedTokenizerFast, ...): what train_config.json
+        records."""
+        return type(self.hf).__name__
+
+    @property
     def vocab_size(self) -> int:
         return len(self.hf)
 

@@ -41,6 +41,8 @@ def content_ids(ids: Iterable[int], eos_id: int, skipped: Sequence[int]) -> list
 class Tokenizer:
     """Thin wrapper over `tokenizers.Tokenizer` with the ids the trainers and decoders need."""
 
+    kind = "twin-bpe"  # what a run's train_config.json records (HFTokenizer: transformers' class name)
+
     def __init__(self, hf_tokenizer) -> None:
         self.hf = hf_tokenizer
         ids = [hf_tokenizer.token_to_id(token) for token in SPECIALS]

@@ -9,7 +9,7 @@ run directory holds:
     config.json, model.safetensors    the latest weights (canonical names of cfg.arch; num_classes in
                                       the config), for translate/eval/parity
     tokenizer.json                    the joint BPE tokenizer
-    train_config.json                 TrainConfig, framework, arch, data, class names, padding shares
+    train_config.json                 TrainConfig, framework, arch, data, tokenizer kind, class names, padding shares
     metrics.jsonl                     one JSON record per log/eval interval
     loss.png                          train and validation loss curves
     checkpoints/step_0000500/         model.safetensors, optimizer.safetensors (Adam moments in
@@ -740,6 +740,7 @@ def _run(Trainer, context, framework: str, data: str, out: Path, *, model: str |
                                               "model": str(model) if not isinstance(model, TransformerConfig)
                                               else "custom",
                                               "init_from": None if init_from is None else str(init_from),
+                                              "tokenizer": tokenizer.kind,
                                               "labels": None if corpus.labels is None else list(corpus.labels),
                                               "padding": padding, "train": tcfg.to_dict()})
         atomic_write_bytes(out / CONFIG_FILE, cfg.to_json().encode())

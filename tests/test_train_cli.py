@@ -49,6 +49,7 @@ def test_one_short_run_has_everything(torch_run):
     assert [r["sentences"] for r in records if r["split"] == "test"] == [8]
     assert (torch_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((torch_run / "train_config.json").read_text())["framework"] == "torch"
+    assert json.loads((torch_run / "train_config.json").read_text())["tokenizer"] == "twin-bpe"
 
 
 def test_init_from_crosses_frameworks_both_ways(torch_run, tmp_path):
