@@ -289,7 +289,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 BENCHES = {"train": "bench_train.py", "precision": "bench_precision.py", "lengths": "bench_lengths.py",
-           "decode": "bench_decode.py", "convert": "bench_convert.py", "scaling": "bench_scaling.py"}
+           "decode": "bench_decode.py", "convert": "bench_convert.py", "scaling": "bench_scaling.py",
+           "hf": "bench_hf.py"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -489,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "between every format, against reading the file once (benchmarks/bench_convert.py)")
     b.add_argument("--scaling", action="store_true", help="step time and per-device memory of JAX meshes and "
                    "torchrun DDP/FSDP2 over 1, 2, 4, 8 devices or processes (benchmarks/bench_scaling.py)")
+    b.add_argument("--hf", action="store_true", help="the twins against transformers' MarianMTModel on one set of "
+                   "opus-mt-size weights: decoding (greedy, beam 4) and training-step throughput, twin convert's "
+                   "time and peak RSS against from_pretrained + save_pretrained (benchmarks/bench_hf.py)")
     b.set_defaults(func=cmd_bench)
     return parser
 
