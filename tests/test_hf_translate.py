@@ -26,6 +26,16 @@ STEPS = 9  # new tokens per sentence
 SENTENCES = 12
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """torch (transformers, the torch twin, the trainer) on one intra-op thread while this module runs: under
+    pytest-xdist's two workers on two cores, a second spinning thread made this module's setup 15x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def texts():
     return [source for source, _ in load_corpus("builtin").test[:SENTENCES]]
@@ -141,17 +151,38 @@ def test_fine_tune_in_jax_from_hf_dir_then_export_translates_as_transformers_doe
     expected = hf_greedy(exported, texts)
     for framework in ("torch", "jax"):
         assert twin_greedy(run, texts, framework) == expected, framework
+    assert cli.main(["train", "--framework", "jax", "--out", str(run), "--resume", "--steps", "22", "--limit", "400",
+                     "--max-tokens", "256", "--test-limit", "0", "--no-progress", "--show", "0"]) == 0
+    (run / "vocab.json").write_text((run / "vocab.json").read_text().replace('"<unk>": 1', '"<unk>": 2', 1))
+    assert cli.main(["train", "--framework", "jax", "--out", str(run), "--resume", "--steps", "24", "--limit", "400",
+                     "--max-tokens", "256", "--test-limit", "0", "--no-progress", "--show", "0"]) == 1
+
+
+def test_a_directory_without_tokenizer_files_is_one_line_and_exit_1(opus_dir, tmp_path, capsys):
+    bare = tmp_path / "no-tokenizer"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        (bare / name).write_bytes((opus_dir / name).read_bytes())
+    capsys.readouterr()
+    assert cli.main(["translate", str(bare), "one"]) == 1
+    assert capsys.readouterr().err == (f"twin translate: {bare}: not a run directory, no tokenizer.json and no "
+                                       "Hugging Face tokenizer files (twin train writes config.json, "
+                                       "model.safetensors and tokenizer.json)\n")
+    (bare / "vocab.json").write_bytes((opus_dir / "vocab.json").read_bytes())  # a Marian tokenizer, incomplete
+    assert cli.main(["eval", str(bare), "--data", "builtin"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing source.spm" in err
 
 
 @pytest.fixture(scope="module")
 def marian_run(tmp_path_factory):
-    """A run trained here: --config marian, 200 torch steps on the builtin corpus (about 99% validation token
-    accuracy), exported --to hf-marian with its tokenizer as a PreTrainedTokenizerFast."""
+    """A run trained here: --config marian, 200 torch steps on the first 20,000 pairs of the builtin corpus (its
+    tokenizer trained on them), exported --to hf-marian with its tokenizer as a PreTrainedTokenizerFast."""
     root = tmp_path_factory.mktemp("marian-run")
     run, exported = root / "run", root / "exported"
-    assert cli.main(["train", "--framework", "torch", "--config", "marian", "--data", "builtin", "--out", str(run),
-                     "--steps", "200", "--max-tokens", "512", "--test-limit", "0", "--no-progress", "--show",
-                     "0"]) == 0
+    assert cli.main(["train", "--framework", "torch", "--config", "marian", "--data", "builtin", "--limit", "20000",
+                     "--out", str(run), "--steps", "200", "--max-tokens", "512", "--test-limit", "0", "--no-progress",
+                     "--show", "0"]) == 0
     assert cli.main(["convert", str(run), str(exported), "--to", "hf-marian"]) == 0
     return run, exported
 
