@@ -7,9 +7,12 @@ Profiles: `ci` (derandomized, no deadline; the default) and `dev` (more examples
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import random
+import shutil
+import tempfile
 import zlib
 
 import numpy as np
@@ -27,6 +30,12 @@ if not os.environ.get("TWIN_TEST_DEFAULT_XLA"):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 if "PYTEST_XDIST_WORKER" in os.environ:  # several workers share a GPU: no worker takes 75% of its memory up front
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# torch.compile's kernels go to a cache of this process's own, not the machine-wide /tmp/torchinductor_$USER: a
+# kernel compiled there by an earlier run under another CPU capability (ATEN_CPU_CAPABILITY=avx2 against AVX-512)
+# was loaded without being rebuilt and failed ("tuple args required"). Removed at exit.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="twin-test-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 import jax  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
