@@ -75,7 +75,7 @@ from torch import nn as tnn  # noqa: E402
 import jax_tx  # noqa: E402
 import torch_tx  # noqa: E402
 from benchmarks.bench_train import (TorchPeer, environment, print_noisy, print_wall, render_table,  # noqa: E402
-                                     settings_of, write_json)
+                                     settings_of, with_torch_threads, write_json)
 from parity import convert  # noqa: E402
 from parity.config import TransformerConfig  # noqa: E402
 
@@ -266,13 +266,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.torch_threads is not None:
-        torch.set_num_threads(args.torch_threads)
-    try:
-        return run(args)
-    finally:
-        torch.set_num_threads(threads)
+    return with_torch_threads(args.torch_threads, lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> int:

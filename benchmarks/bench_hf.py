@@ -93,7 +93,7 @@ import torch_tx  # noqa: E402
 import torch_tx.train as torch_train  # noqa: E402
 from benchmarks.bench_convert import Run, size_of, spawn  # noqa: E402
 from benchmarks.bench_train import (environment, print_noisy, print_wall, render_table, settings_of,  # noqa: E402
-                                     write_json)
+                                     with_torch_threads, write_json)
 from parity import convert, extras  # noqa: E402
 from parity.batching import Batch as TrainBatch  # noqa: E402
 from parity.config import TransformerConfig  # noqa: E402
@@ -566,13 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     except extras.MissingExtra as e:
         print(e, file=sys.stderr)
         return 1
-    threads = torch.get_num_threads()
-    if args.torch_threads is not None:
-        torch.set_num_threads(args.torch_threads)
-    try:
-        return run(args)
-    finally:
-        torch.set_num_threads(threads)
+    return with_torch_threads(args.torch_threads, lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> int:

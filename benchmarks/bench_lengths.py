@@ -60,7 +60,8 @@ import torch  # noqa: E402
 import jax_tx.train as jax_train  # noqa: E402
 import torch_tx.train as torch_train  # noqa: E402
 from benchmarks.bench_train import (NUM_BATCHES, TrainerRunner, config_for, environment,  # noqa: E402
-                                    make_batches, print_noisy, print_wall, render_table, settings_of, write_json)
+                                    make_batches, print_noisy, print_wall, render_table, settings_of,
+                                    with_torch_threads, write_json)
 from parity.config import TransformerConfig  # noqa: E402
 
 TRAINERS = {"torch": torch_train.Trainer, "jax": jax_train.Trainer}
@@ -348,13 +349,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.torch_threads is not None:
-        torch.set_num_threads(args.torch_threads)
-    try:
-        run(args)
-    finally:
-        torch.set_num_threads(threads)
+    with_torch_threads(args.torch_threads, lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> None:

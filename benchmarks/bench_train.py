@@ -399,6 +399,17 @@ def matmul_ceiling(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5) -> d
     return best
 
 
+def with_torch_threads(threads: int | None, fn: Callable[[], Any]) -> Any:
+    """fn() with torch at `threads` intra-op threads (None: torch's default), the count restored after."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
 def rss_bytes(field: str = "VmRSS") -> int:
     """This process's resident set size now (VmRSS) or its peak (VmHWM), from Linux's /proc/self/status.
 
