@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from parity import extras
+from parity.formats.ctranslate2 import QUANTIZATIONS
 from parity.suite import TOLERANCES, TWINS, Check
 
 
@@ -154,10 +155,21 @@ def _decode_options(args: argparse.Namespace):
                          max_new_tokens=args.max_new_tokens, **fields)
 
 
+def _run_framework(command: str, args: argparse.Namespace) -> str:
+    """--framework, or "ctranslate2" for a CTranslate2 model directory (which needs the deploy extra)."""
+    from parity.formats.ctranslate2 import is_ct2_dir
+    from parity.translate import CT2
+
+    if is_ct2_dir(args.run_dir):
+        extras.require(command, ["deploy"], why=f"{args.run_dir} is a CTranslate2 model")
+        return args.framework or CT2
+    return extras.framework(command, args.framework)
+
+
 def cmd_translate(args: argparse.Namespace) -> int:
     from parity.translate import TranslateError, Translator, check_writable, plot_attention
 
-    args.framework = extras.framework("twin translate", args.framework)
+    args.framework = _run_framework("twin translate", args)
     try:
         options = _decode_options(args)
         if args.batch_size < 1:
@@ -197,7 +209,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from parity.data import DataError, load_corpus
     from parity.translate import TranslateError, Translator, check_writable, write_file
 
-    args.framework = extras.framework("twin eval", args.framework)
+    args.framework = _run_framework("twin eval", args)
     try:
         options = _decode_options(args)
         for name, value in (("--batch-size", args.batch_size), ("--limit", args.limit)):
@@ -248,7 +260,10 @@ def _convert_extras(args: argparse.Namespace, dst_container: str) -> None:
         instead = "give DST a .safetensors name" if args.to == "nn-transformer" else "pass --to safetensors"
         extras.require("twin convert", [extras.CONTAINER_EXTRAS[dst_container]],
                        why=f"to write --to {args.to} at {args.dst}", instead=instead)
-    if args.verify:
+    if args.verify and args.to == "ctranslate2":
+        extras.require("twin convert", ["deploy"], why="--verify runs CTranslate2", instead="leave out --verify")
+        extras.default_framework("twin convert --verify (the twin that CTranslate2 is compared with)")
+    elif args.verify:
         extras.require("twin convert", TWINS, why="--verify runs both twins", instead="leave out --verify")
 
 
@@ -263,6 +278,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         dst_container, _ = check_destination(args.dst, args.to, args.force, src=args.src)
+        if args.to == "ctranslate2" and args.dtype:
+            raise FormatError(f"{args.dst}: --dtype does not apply to --to ctranslate2: pass --quantization "
+                              f"(float32, float16, bfloat16, int8, ...)")
         _convert_extras(args, dst_container)
         loaded = read_checkpoint(args.src, config=args.config, allow_nonfinite=args.allow_nonfinite)
         weights = cast(loaded.weights, args.dtype)
@@ -271,12 +289,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
         special = (special_ids(args.src) if loaded.container in ("hf-marian", "fsmt")
                    else companion_special_ids(loaded.companions))
         write_checkpoint(args.dst, args.to, loaded.cfg, weights, force=args.force, companions=loaded.companions,
-                         special_ids=special)
+                         special_ids=special, quantization=args.quantization)
     except (FormatError, ConversionError) as e:
         print(f"twin convert: error: {e}", file=sys.stderr)
         return 1
     print(f"read  {loaded.describe()}")
-    print(f"wrote {args.dst} ({args.to}{', ' + args.dtype if args.dtype else ''}) in "
+    cast_to = args.dtype or args.quantization
+    print(f"wrote {args.dst} ({args.to}{', ' + cast_to if cast_to else ''}) in "
           f"{time.perf_counter() - start:.2f} s")
     if not args.verify:
         return 0
@@ -322,9 +341,10 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam", type=int, default=1, help="beam size (default 1: greedy)")
     p.add_argument("--length-penalty", type=float, default=0.6, help="beam search length penalty alpha (GNMT; "
                    "default 0.6)")
-    p.add_argument("--beam-rule", choices=("twin", "hf"), default="twin", help="beam search scoring and stopping: "
-                   "twin (GNMT penalty, exact stop; default) or hf (transformers' generate: len ** alpha, "
-                   "early_stopping=False; use --length-penalty 1.0 for its default)")
+    p.add_argument("--beam-rule", choices=("twin", "hf"), help="beam search scoring and stopping: twin (GNMT "
+                   "penalty, exact stop; the twins' default) or hf (transformers' generate: len ** alpha, "
+                   "early_stopping=False; use --length-penalty 1.0 for its default); a CTranslate2 model searches by "
+                   "its own rule and takes neither")
     p.add_argument("--forced-eos", action="store_true", help="the last token is EOS where a sentence has not "
                    "ended (transformers' forced_eos_token_id, which opus-mt configs set)")
     p.add_argument("--hf-generation", action="store_true", help="decode as transformers' generate does under "
@@ -458,10 +478,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "torch.load(weights_only=True) only; writes are atomic.")
     v.add_argument("src", metavar="SRC")
     v.add_argument("dst", metavar="DST")
-    v.add_argument("--to", required=True, choices=("torch", "flax", "safetensors", "nn-transformer", "hf-marian"),
+    v.add_argument("--to", required=True, choices=("torch", "flax", "safetensors", "nn-transformer", "hf-marian",
+                                                    "ctranslate2"),
                    help="nn-transformer: torch.nn.Transformer names (nn.TransformerEncoder's for an encoder; "
                    "not for a decoder-only model); hf-marian: a directory transformers loads (MarianMTModel, "
-                   "its tokenizer, generation_config.json), for configs in Marian's layout (--config marian)")
+                   "its tokenizer, generation_config.json), for configs in Marian's layout (--config marian); "
+                   "ctranslate2: a CTranslate2 model directory (Translator, Generator or Encoder by the arch) with "
+                   "SRC's tokenizer, which twin translate and twin eval run")
+    v.add_argument("--quantization", choices=QUANTIZATIONS, help="--to ctranslate2: the weight type (default: the "
+                   "checkpoint's own, float32 or float16)")
     v.add_argument("--verify", action="store_true", help="load DST with the target framework and run the parity "
                    "checks of twin parity on it")
     v.add_argument("--force", action="store_true", help="replace an existing DST")

@@ -28,9 +28,10 @@ EXTRAS = {
     "torch": Extra("PyTorch", ("torch",)),
     "jax": Extra("JAX/Flax", ("jax", "jaxlib", "flax", "optax")),
     "hf": Extra("Hugging Face transformers", ("torch", "transformers", "sentencepiece")),
+    "deploy": Extra("CTranslate2", ("ctranslate2",)),
 }
 FRAMEWORKS = ("torch", "jax")  # the values of --framework, each the name of its extra, in order of preference
-CONTAINER_EXTRAS = {"torch": "torch", "msgpack": "jax", "orbax": "jax"}  # checkpoint container -> extra it needs
+CONTAINER_EXTRAS = {"torch": "torch", "msgpack": "jax", "orbax": "jax", "ctranslate2": "deploy"}  # checkpoint container -> extra it needs
 
 
 class MissingExtra(Exception):

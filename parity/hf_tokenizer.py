@@ -143,6 +143,15 @@ class HFTokenizer:
         size = self.vocab_size
         return [self.hf.convert_ids_to_tokens(int(i)) if 0 <= int(i) < size else f"<{int(i)}?>" for i in ids]
 
+    def tokens(self, *, target: bool = False) -> list[str]:
+        """Every vocabulary string of a side, in id order (the target side's own for Marian's separate_vocabs)."""
+        side = getattr(self.hf, "target_encoder", None) if target and getattr(self.hf, "separate_vocabs", False) \
+            else None
+        if side is None:
+            return self.token_strings(range(self.vocab_size))
+        by_id = {int(i): token for token, i in side.items()}
+        return [by_id.get(i, f"<{i}?>") for i in range(self.tgt_vocab_size)]
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text of the ids up to the first eos, skipping pad and the decoder start (transformers' decode)."""
         return self.hf.decode(content_ids(ids, self.eos_id, (self.pad_id, self.bos_id)), skip_special_tokens=False)

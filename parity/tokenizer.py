@@ -76,6 +76,10 @@ class Tokenizer:
         """The vocabulary string of each id (e.g. '▁one'), special tokens included."""
         return [self.hf.id_to_token(int(i)) or f"<{int(i)}?>" for i in ids]
 
+    def tokens(self, *, target: bool = False) -> list[str]:
+        """Every vocabulary string, in id order (one joint vocabulary: `target` changes nothing)."""
+        return self.token_strings(range(self.vocab_size))
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text of the ids up to the first <eos>, skipping <pad> and <bos>."""
         return self.hf.decode(content_ids(ids, self.eos_id, (self.pad_id, self.bos_id)), skip_special_tokens=False)

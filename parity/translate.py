@@ -28,6 +28,7 @@ from parity.extras import default_framework
 from parity.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError
 
 FRAMEWORKS = ("torch", "jax")
+CT2 = "ctranslate2"  # the framework of a CTranslate2 model directory (parity.ct2)
 BUCKET = 8
 FLAGS = {"beam_size": "--beam", "length_penalty": "--length-penalty", "temperature": "--temperature",
          "top_k": "--top-k", "top_p": "--top-p", "beam_rule": "--beam-rule", "forced_eos": "--forced-eos"}
@@ -43,7 +44,8 @@ class DecodeOptions:
 
     max_new_tokens None: min(max_len, 2 * padded source length + 10) per batch. beam_rule "hf" and forced_eos
     with length_penalty 1.0 decode as transformers' `generate(num_beams=K)` does under an opus-mt generation config
-    (`parity.decoding.BEAM_RULES`).
+    (`parity.decoding.BEAM_RULES`). beam_rule None: the decoder's own rule ("twin" for the twins, CTranslate2's
+    for a CTranslate2 model, `parity.ct2`).
     """
 
     beam_size: int = 1
@@ -53,14 +55,14 @@ class DecodeOptions:
     top_p: float = 1.0
     seed: int | None = None
     max_new_tokens: int | None = None
-    beam_rule: str = "twin"
+    beam_rule: str | None = None
     forced_eos: bool = False
 
     def __post_init__(self) -> None:
         try:
             check_decoding_options(beam_size=self.beam_size, length_penalty=self.length_penalty,
                                    temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                                   beam_rule=self.beam_rule, forced_eos=self.forced_eos, names=FLAGS)
+                                   beam_rule=self.beam_rule or "twin", forced_eos=self.forced_eos, names=FLAGS)
         except ValueError as e:
             raise TranslateError(str(e)) from None
         if self.temperature == 0 and (self.top_k or self.top_p < 1.0):
@@ -71,6 +73,8 @@ class DecodeOptions:
     def generate_kwargs(self, max_new_tokens: int) -> dict[str, Any]:
         kw = asdict(self)
         kw["max_new_tokens"] = max_new_tokens
+        if kw["beam_rule"] is None:
+            del kw["beam_rule"]
         return kw
 
 
@@ -120,6 +124,24 @@ class _TorchBackend:
         tgt_t = self.torch.from_numpy(tgt_in).to(self.device, self.torch.long)  # [B, T]
         with self.torch.no_grad():
             return cross_attention_weights(self.model, src_t, tgt_t).float().cpu().numpy()  # [L, B, H, T, S]
+
+
+class _CT2Backend:
+    def __init__(self, path: Path, device: str) -> None:
+        from parity import ct2
+
+        try:
+            self.model = ct2.CT2Model.load(path, device=device)
+        except ct2.CT2Error as e:
+            raise TranslateError(str(e)) from None
+        self.ct2 = ct2
+
+    def generate(self, src: np.ndarray, **kw) -> np.ndarray:
+        return self.ct2.generate(self.model, src, **kw)  # [B, n]
+
+    def cross_attention(self, src: np.ndarray, tgt_in: np.ndarray) -> np.ndarray:
+        raise TranslateError(f"{self.model.path}: --plot-attention needs the twins' attention weights; plot it "
+                             f"from the checkpoint this CTranslate2 model was converted from")
 
 
 class _JaxBackend:
@@ -176,6 +198,29 @@ def read_run_dir(run_dir: str | os.PathLike) -> tuple[TransformerConfig, dict[st
     return cfg.without_dropout(), weights, tokenizer
 
 
+def read_ct2_dir(path: str | os.PathLike) -> tuple[TransformerConfig, Any]:
+    """Config and tokenizer of a CTranslate2 directory written by `twin convert --to ctranslate2`."""
+    from parity.formats.ctranslate2 import CT2Error, read_twin_config
+    from parity.tokenizer import HF_TOKENIZER_FILES, load_any
+
+    path = Path(path)
+    try:
+        cfg = read_twin_config(path)
+    except CT2Error as e:
+        raise TranslateError(str(e)) from None
+    if cfg.arch != "seq2seq":
+        raise TranslateError(f"{path}: a {cfg.arch}-only model (arch {cfg.arch!r}); twin translate and twin eval "
+                             f"need a seq2seq model (parity.ct2 runs the others from Python)")
+    if not any((path / name).is_file() for name in (TOKENIZER_FILE, *HF_TOKENIZER_FILES)):
+        raise TranslateError(f"{path}: no {TOKENIZER_FILE} and no Hugging Face tokenizer files (twin convert --to "
+                             f"ctranslate2 copies the tokenizer of SRC)")
+    try:
+        tokenizer = load_any(path)
+    except TokenizerError as e:
+        raise TranslateError(str(e)) from None
+    return cfg.without_dropout(), tokenizer
+
+
 class Attention(NamedTuple):
     src_tokens: list[str]  # [S]: the source tokens and <eos>
     out_tokens: list[str]  # [T]: the output tokens, <eos> included when generated
@@ -191,7 +236,16 @@ class Translator:
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike, framework: str | None = None, device: str = "cpu") -> "Translator":
-        """The run's model in `framework` (None: the installed one, torch when both are)."""
+        """The run's model in `framework` (None: the installed one, torch when both are); a CTranslate2 directory
+        (`twin convert --to ctranslate2`) runs in CTranslate2 (framework None or "ctranslate2")."""
+        from parity.formats.ctranslate2 import is_ct2_dir
+
+        if is_ct2_dir(run_dir):
+            if framework not in (None, CT2):
+                raise TranslateError(f"{run_dir}: a CTranslate2 model runs in CTranslate2: leave out --framework "
+                                     f"{framework}")
+            cfg, tokenizer = read_ct2_dir(run_dir)
+            return cls(cfg, tokenizer, _CT2Backend(Path(run_dir), device), CT2)
         if framework is None:
             framework = default_framework("Translator.load")
         if framework not in FRAMEWORKS:

@@ -75,10 +75,33 @@ def load_native(dst: str | Path, target: str, cfg: TransformerConfig) -> tuple[d
     return {k: to_numpy(v) for k, v in state_dict.items()}, model
 
 
+def verify_ct2(dst: str | Path, expected: Mapping[str, np.ndarray], seed: int = 0, device: str = "cpu") -> list[Check]:
+    """Rows: DST loaded with CTranslate2 against the installed twin (torch first) on the converted weights
+    (`parity.ct2.compare`: log-probabilities, hidden states or logits, greedy tokens)."""
+    from parity import ct2
+    from parity.extras import default_framework
+    from parity.translate import read_ct2_dir
+
+    model = ct2.CT2Model.load(dst, device=device)
+    twin = default_framework("twin convert --verify")
+    if model.cfg.arch == "seq2seq":
+        tokenizer = read_ct2_dir(dst)[1]
+        bos_id, eos_id = tokenizer.bos_id, tokenizer.eos_id
+    elif model.cfg.arch == "decoder":
+        bos_id, eos_id = model.ids[model.start_token], model.ids[ct2.ct2_config(dst)["eos_token"]]
+    else:
+        bos_id = eos_id = 0  # an encoder generates nothing
+    weights = {k: np.asarray(v, np.float64) for k, v in expected.items()}
+    return ct2.compare(model, weights, bos_id=bos_id, eos_id=eos_id, twin=twin, seed=seed)
+
+
 def verify(dst: str | Path, target: str, cfg: TransformerConfig, expected: Mapping[str, np.ndarray],
            seed: int = 0, device: str = "cpu") -> list[Check]:
     """Rows: DST reloads bit-exactly; the twins agree on it (float64, float32), source = the target's twin;
-    for nn-transformer also nn.Transformer (nn.TransformerEncoder) against the torch twin's stacks."""
+    for nn-transformer also nn.Transformer (nn.TransformerEncoder) against the torch twin's stacks; for
+    ctranslate2 CTranslate2 against a twin (`verify_ct2`)."""
+    if target == "ctranslate2":
+        return verify_ct2(dst, expected, seed, device)
     weights, loaded = load_native(dst, target, cfg)
     keys = [k for k in expected if k not in aliases(cfg)]
     exact = set(weights) >= set(keys) and all(

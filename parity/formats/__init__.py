@@ -44,7 +44,7 @@ from parity.checkpoint import CONFIG_FILE, CheckpointError, WriteError, _umask, 
 from parity.config import TransformerConfig
 from parity.convert import ConversionError, aliases, canonical_to_flax, check_canonical, check_ties, flax_key_map, \
     flax_to_canonical
-from parity.formats import msgpack, nn_transformer, orbax, safetensors, torch_pt
+from parity.formats import ctranslate2, msgpack, nn_transformer, orbax, safetensors, torch_pt
 from parity.formats.common import (WEIGHT_DTYPES, FormatError, _check_space, _fail, _flat_items, _free_bytes,
                                    _fsync_tree, _install, _read_head, _remove, _temp_name, _unconvertible, cast,
                                    return_large_frees_to_os)
@@ -60,11 +60,11 @@ __all__ = ["COMPANIONS", "DETECTION", "DIR_FILES", "FILE_SUFFIXES", "Format", "F
            "guess_arch", "load_config_file", "output_layout", "quiet_orbax", "read_checkpoint", "read_weight_file",
            "return_large_frees_to_os", "write_checkpoint"]
 
-TARGETS = ("torch", "flax", "safetensors", nn_transformer.TARGET, "hf-marian")
+TARGETS = ("torch", "flax", "safetensors", nn_transformer.TARGET, "hf-marian", "ctranslate2")
 FILE_SUFFIXES = {safetensors.SUFFIX: "safetensors", msgpack.SUFFIX: "msgpack", **{s: "torch" for s in TORCH_SUFFIXES}}
 # target -> file containers it may write, by DST suffix
 TARGET_CONTAINERS = {"safetensors": ("safetensors",), "torch": ("torch",), "nn-transformer": ("torch", "safetensors"),
-                     "flax": ("msgpack",), "hf-marian": ()}
+                     "flax": ("msgpack",), "hf-marian": (), "ctranslate2": ()}
 DIR_FILES = {"safetensors": "model.safetensors", "torch": "pytorch_model.bin", "nn-transformer": "nn_transformer.pt"}
 # copied from a SRC directory into a DST directory: the project's tokenizer, a Hugging Face tokenizer's files and
 # generation_config.json (the decoder start and eos ids of an imported model)
@@ -137,8 +137,14 @@ def _load_hf(path: Path, config: Any, allow_nonfinite: bool) -> Loaded:
     return loaded
 
 
+def _refuse_ct2(path: Path, config: Any, allow_nonfinite: bool) -> Loaded:
+    raise _fail(path, "is a CTranslate2 model, which twin convert writes but does not read (its weights may be "
+                "quantized): convert the checkpoint it was made from")
+
+
 # First match wins, directories and files each in this order. Adding a format: one row, one module.
 DETECTION: tuple[Format, ...] = (
+    Format("ctranslate2", "directory", ctranslate2.looks_like_ct2, load=_refuse_ct2),
     Format("hf-marian", "directory", lambda p: _hf_type(p) == "marian", load=_load_hf),
     Format("fsmt", "directory", lambda p: _hf_type(p) == "fsmt", load=_load_hf),
     Format("orbax", "directory", orbax.is_checkpoint, orbax.read, flax=True),
@@ -338,8 +344,8 @@ def output_layout(dst: str | os.PathLike, target: str) -> tuple[str, bool]:
             raise FormatError(f"{dst}: --to {target} writes {', '.join(allowed)} files or a directory, "
                               f"not {suffix}")
         return container, True
-    if target == "hf-marian":
-        return "hf-marian", False
+    if target in ("hf-marian", "ctranslate2"):
+        return target, False
     return ("orbax" if target == "flax" else FILE_SUFFIXES[Path(DIR_FILES[target]).suffix]), False
 
 
@@ -378,13 +384,33 @@ def check_destination(dst: str | os.PathLike, target: str, force: bool,
     return layout
 
 
+def _ct2_tokenizer(dst: Path, cfg: TransformerConfig, companions: list[Path] | None) -> tuple[Any, str]:
+    """(tokenizer, where) for --to ctranslate2, its vocabulary checked; FormatError where there is none."""
+    from parity.tokenizer import TokenizerError, load_any
+
+    names = [p.name for p in companions or ()]
+    if not names:
+        raise FormatError(f"{dst}: --to ctranslate2 needs the model's tokenizer (a CTranslate2 model holds its "
+                          f"vocabulary): SRC must be a directory with tokenizer.json or a Hugging Face tokenizer")
+    directory = companions[0].parent
+    try:
+        tokenizer = load_any(directory)
+        ctranslate2.vocabularies(cfg, tokenizer, str(directory))
+    except (TokenizerError, ctranslate2.CT2Error) as e:
+        raise FormatError(f"{dst}: {e}") from None
+    return tokenizer, str(directory)
+
+
 def write_checkpoint(dst: str | os.PathLike, target: str, cfg: TransformerConfig,
                      weights: Mapping[str, np.ndarray], force: bool = False,
-                     companions: list[Path] | None = None, special_ids: Mapping[str, int] | None = None) -> Path:
+                     companions: list[Path] | None = None, special_ids: Mapping[str, int] | None = None,
+                     quantization: str | None = None) -> Path:
     """Write canonical weights as `target` at `dst` (a file by suffix, else a directory), atomically. A write
     that fails (a full disk, ...) is a FormatError "cannot write DST[/FILE]: REASON"; nothing is left behind
     and an existing `dst` is untouched. A disk without room for the tensors is refused before writing.
-    `special_ids` (pad_id, eos_id, decoder_start_id): the tokenizer's, for --to hf-marian's config."""
+    `special_ids` (pad_id, eos_id, decoder_start_id): the tokenizer's, for --to hf-marian's config.
+    `quantization`: --to ctranslate2's weight type (None: the weights' own, float32 or float16); that target
+    needs the tokenizer among `companions` (its vocabulary goes into the model)."""
     dst = Path(dst)
     container, is_file = check_destination(dst, target, force)
     if target == nn_transformer.TARGET:
@@ -397,6 +423,10 @@ def write_checkpoint(dst: str | os.PathLike, target: str, cfg: TransformerConfig
             marian_config_fields(cfg, eos_id=0)
         except MarianError as e:
             raise FormatError(f"{dst}: {e}") from None
+    if quantization is not None and target != ctranslate2.TARGET:
+        raise FormatError(f"{dst}: --quantization is for --to ctranslate2 (--to {target} keeps or --dtype casts "
+                          f"the weights)")
+    ct2_tokenizer = _ct2_tokenizer(dst, cfg, companions) if target == ctranslate2.TARGET else None
     _check_space(dst, weights, _free_bytes)  # this package's _free_bytes, which tests replace
     try:
         tmp = _temp_name(dst)
@@ -414,10 +444,18 @@ def write_checkpoint(dst: str | os.PathLike, target: str, cfg: TransformerConfig
             tmp.mkdir()
             write_marian(tmp, cfg, weights, list(companions or ()), special_ids)
             os.chmod(tmp, 0o777 & ~_umask())
+        elif target == ctranslate2.TARGET:
+            try:
+                ctranslate2.write_ct2(tmp, cfg, weights, *ct2_tokenizer, quantization=quantization)
+            except ctranslate2.CT2Error as e:
+                raise FormatError(f"{dst}: {e}") from None
+            for companion in companions or ():
+                shutil.copyfile(companion, tmp / companion.name)
+            os.chmod(tmp, 0o777 & ~_umask())
         else:
             tmp.mkdir()
             _write_container(tmp / DIR_FILES[target], container, target, cfg, weights)
-        if not is_file and target != "hf-marian":
+        if not is_file and target not in ("hf-marian", ctranslate2.TARGET):
             atomic_write_bytes(tmp / CONFIG_FILE, cfg.to_json().encode())
             for companion in companions or ():
                 shutil.copyfile(companion, tmp / companion.name)
