@@ -13,7 +13,9 @@ length_penalty, coverage_penalty 0, repetition_penalty 1, no_repeat_ngram_size 0
 suppress_sequences = the pad and BOS tokens (`parity.decoding.forbidden_ids`), end_token = EOS with
 return_end_token, max_input_length 0 (no truncation: the caller checks max_len), max_decoding_length =
 max_new_tokens, min_decoding_length 0, sampling_topk 1 (greedy) or top_k (0: the whole vocabulary),
-sampling_topp, sampling_temperature, and `ctranslate2.set_random_seed(seed)` before sampling.
+sampling_topp, sampling_temperature, and `ctranslate2.set_random_seed(seed)` before sampling. CTranslate2 seeds
+its worker thread's generator once, so sampling repeats from the seed for the same sequence of calls on a freshly
+loaded model (each `twin translate --seed` run), not call by call.
 
 Greedy decoding is the twins' greedy (the same argmax over the same ids). Beam search is CTranslate2's own rule
 (`beam_rule="ctranslate2"`): 2K candidates per step, an EOS among the best K finishes that hypothesis, the search
@@ -157,8 +159,9 @@ def generate(model: CT2Model, src: np.ndarray, *, max_new_tokens: int, bos_id: i
     """Output ids (B, n <= max_new_tokens) for src (B, S) int ids, without BOS, pad after EOS: the twins'
     `generate` through CTranslate2 (module docstring). A decoder continues the prompt src (right-padded,
     src_mask its padding mask), as the twins' DecoderOnly does; beam search is for seq2seq. Unlike the twins,
-    CTranslate2 gives an empty output, without decoding, for a source made only of BOS or EOS tokens (the
-    translate command never sends one: empty inputs are refused before)."""
+    CTranslate2 returns an empty output, without decoding, for a source that is BOS or EOS alone, or starts with
+    EOS or with BOS EOS (found by trying every source of up to 3 tokens on a 7-token vocabulary); twin translate
+    never sends one (its sources are text, then EOS)."""
     import ctranslate2
 
     cfg = model.cfg
@@ -347,7 +350,7 @@ def compare(model: CT2Model, weights, *, bos_id: int, eos_id: int, twin: str = "
     rng = np.random.default_rng(seed)
     inputs = make_inputs(cfg, rng.integers(1, length + 1, size=batch), rng.integers(1, length + 1, size=batch),
                          length, length, rng)
-    _avoid_special_only_sources(inputs.src, inputs.src_mask, {bos_id, eos_id}, cfg.src_vocab_size)
+    _avoid_skipped_sources(inputs.src, inputs.src_mask, {bos_id, eos_id}, cfg.src_vocab_size)
     if cfg.arch == "encoder":
         ref = RUNNERS[twin](cfg, weights, inputs, "float64", grads=False)
         hidden = encode(model, inputs.src, inputs.src_mask)
@@ -386,13 +389,13 @@ def compare(model: CT2Model, weights, *, bos_id: int, eos_id: int, twin: str = "
     return rows
 
 
-def _avoid_special_only_sources(src: np.ndarray, mask: np.ndarray, special: set[int], vocab: int) -> None:
-    """In place: a source row made only of BOS/EOS ids gets another first id (CTranslate2 translates such a
-    source as an empty one, to an empty output, without running the model)."""
+def _avoid_skipped_sources(src: np.ndarray, mask: np.ndarray, special: set[int], vocab: int) -> None:
+    """In place: a source row starting with BOS or EOS gets another first id (CTranslate2 skips some of those,
+    `generate`)."""
     other = next(i for i in range(vocab) if i not in special | {0})
     for row, keep in zip(src, mask):
-        if keep.any() and set(row[keep].tolist()) <= special:
-            row[0] = other
+        if keep.any() and int(row[np.argmax(keep)]) in special:
+            row[np.argmax(keep)] = other
 
 
 def _decoder_inputs(cfg: TransformerConfig, tgt_in: np.ndarray):

@@ -564,7 +564,7 @@ def test_train_on_a_full_disk_stops_with_one_line_and_resumes(tmp_path, data):
 CONVERT_TARGETS = [  # (--to, DST on the disk, the file a failure mid-write names)
     ("torch", "out.pt", "out.pt"), ("safetensors", "out.safetensors", "out.safetensors"),
     ("safetensors", "out", "out/model.safetensors"), ("nn-transformer", "out.pt", "out.pt"),
-    ("flax", "out.msgpack", "out.msgpack"), ("flax", "out", "out"),
+    ("flax", "out.msgpack", "out.msgpack"), ("flax", "out", "out"), ("ctranslate2", "out", "out"),
 ]
 
 

@@ -139,6 +139,45 @@ def test_hf_extra_install_reads_translates_and_exports_opus_mt(tmp_path, tmp_pat
         shutil.rmtree(venv if home == tmp_path else home, ignore_errors=True)
 
 
+DEPLOY_SMOKE = """
+import subprocess, sys
+from pathlib import Path
+tiny, work = Path(sys.argv[1]), Path(sys.argv[2])
+def twin(*args):
+    r = subprocess.run([sys.executable, "-m", "parity.cli", *map(str, args)], capture_output=True, text=True)
+    print(f"twin {' '.join(map(str, args[:2]))}: {r.returncode}", r.stdout.strip()[-300:], r.stderr.strip()[-300:])
+    return r
+assert twin("convert", tiny, work / "ct2", "--to", "ctranslate2").returncode == 0
+r = twin("translate", work / "ct2", "one hundred and five", "twenty two")
+assert r.returncode == 0 and len(r.stdout.splitlines()) == 2, r.stderr
+r = twin("eval", work / "ct2", "--data", "builtin", "--limit", "20")
+assert r.returncode == 0 and "ctranslate2, greedy" in r.stdout, r.stderr
+for args in (("translate", tiny, "one"), ("convert", tiny, work / "v", "--to", "ctranslate2", "--verify")):
+    r = twin(*args)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "not installed" in r.stderr, r.stderr
+print("deploy install: 0 failed checks")
+"""
+
+
+def test_deploy_extra_install_converts_translates_and_evaluates(tmp_path, tmp_path_factory):
+    """`pip install -e '.[deploy]'` alone (CTranslate2; neither torch nor JAX): tiny_run converts to CTranslate2,
+    translates and evaluates through it; what needs a twin names the missing extra."""
+    home = venv_home(tmp_path)
+    venv = home / "venv-deploy"
+    try:
+        seconds = build_venv(venv, "deploy", tmp_path_factory.getbasetemp().parent / "editable-install.lock")
+        env = {k: v for k, v in os.environ.items() if k not in CLEARED}
+        env.update(PATH=f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONNOUSERSITE="1",
+                   PYTHONPYCACHEPREFIX=str(home / "pycache"), OMP_NUM_THREADS="1")
+        result = subprocess.run([str(venv / "bin" / "python"), "-c", DEPLOY_SMOKE, str(TINY_RUN), str(tmp_path)],
+                                capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env, timeout=1200)
+        print(f"deploy-only virtualenv built in {seconds:.0f} s\n{result.stdout}")
+        assert result.returncode == 0, f"{result.stdout[-8000:]}\n{result.stderr[-4000:]}"
+        assert "deploy install: 0 failed checks" in result.stdout
+    finally:
+        shutil.rmtree(venv if home == tmp_path else home, ignore_errors=True)
+
+
 # ------------------------------------------------------------------------ parity.extras in this process
 
 def test_missing_extra_lines():

@@ -415,6 +415,11 @@ def write_checkpoint(dst: str | os.PathLike, target: str, cfg: TransformerConfig
     container, is_file = check_destination(dst, target, force)
     if target == nn_transformer.TARGET:
         nn_transformer.check_target(dst, cfg)
+    if target == ctranslate2.TARGET:
+        try:
+            ctranslate2.check_config(cfg)
+        except ctranslate2.CT2Error as e:
+            raise FormatError(f"{dst}: {e}") from None
     check_canonical(weights, cfg)
     if target == "hf-marian":
         from parity.formats.hf_marian import MarianError, marian_config_fields

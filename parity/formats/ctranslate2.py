@@ -26,8 +26,9 @@ What the spec must say, checked in ctranslate2 4.8's specs/ and src/:
 - An `unk_token` missing from the vocabulary is appended at load time (a vocabulary one longer than the
   weights: garbage), so the vocabulary is the tokenizer's tokens in id order with its own unk token named.
 
-Every TransformerConfig is expressible this way; what is refused (one line, nothing written) is a tokenizer
-CTranslate2 cannot hold: no unknown token, duplicate token strings, or a size other than the model's.
+Every TransformerConfig is expressible this way but one whose num_heads exceeds the spec's int16 (`check_config`);
+what else is refused (one line, nothing written) is a tokenizer CTranslate2 cannot hold: no unknown token,
+duplicate token strings, or a size other than the model's.
 """
 
 from __future__ import annotations
@@ -82,6 +83,15 @@ STACKS = {"seq2seq": ("encoder", "decoder"), "encoder": ("encoder",), "decoder":
 
 class CT2Error(ValueError):
     """What CTranslate2 cannot hold, or a CTranslate2 directory that cannot be used; one line."""
+
+
+def check_config(cfg: TransformerConfig) -> None:
+    """CT2Error naming the field that a CTranslate2 spec cannot hold."""
+    if cfg.num_heads > np.iinfo(np.int16).max:
+        raise CT2Error(f"num_heads {cfg.num_heads}: a CTranslate2 spec stores num_heads as int16 (at most "
+                       f"{np.iinfo(np.int16).max})")
+    if cfg.activation not in ACTIVATIONS:
+        raise CT2Error(f"activation {cfg.activation!r}: CTranslate2 has {', '.join(ACTIVATIONS)} here")
 
 
 def is_ct2_dir(path: str | os.PathLike) -> bool:
@@ -181,6 +191,7 @@ def build_spec(cfg: TransformerConfig, weights: Mapping[str, np.ndarray], vocab:
     tokenizer's unk_id, bos_id (the decoder start) and eos_id."""
     from ctranslate2.specs import common_spec, transformer_spec
 
+    check_config(cfg)
     activation = getattr(common_spec.Activation, ACTIVATIONS[cfg.activation])
     pre_norm = cfg.norm_first or cfg.final_norm  # a final norm exists only in a pre-norm spec ...
     common = dict(pre_norm=pre_norm, no_final_norm=not cfg.final_norm, activation=activation)
