@@ -199,11 +199,13 @@ def beam_search(model: Transformer, params, memory: jnp.ndarray, src_mask: jnp.n
     The forbidden ids' log-probabilities are floored (not renormalised: a hypothesis scores its
     log-probability under the model, as in fairseq and Hugging Face), so every extension by an allowed
     token, a dead beam's included, outranks one by a forbidden token; EOS is allowed, so a forbidden
-    token is never returned. rule="hf" scores, keeps and stops as transformers does (`parity.decoding.BEAM_RULES`);
+    token is never returned. rule="hf" scores, keeps and stops as transformers does, rule="ctranslate2" as
+    CTranslate2 does (`parity.decoding.BEAM_RULES`);
     forced_eos: at the last step only EOS extends a hypothesis.
     """
     b, k, n, pad_id = memory.shape[0], beam_size, max_new_tokens, model.cfg.pad_id
-    vocab, hf = model.cfg.tgt_vocab_size, rule == "hf"
+    vocab = model.cfg.tgt_vocab_size
+    hf, ct2, pooled = rule == "hf", rule == "ctranslate2", rule != "twin"
     forbidden = forbidden_ids(model.cfg, bos_id, eos_id)
     cache = model.apply({"params": params}, memory, src_mask, n, method=model.init_cache)
     cache = _map_cache(cache, lambda x: jnp.repeat(x, k, axis=0), self_only=False)
@@ -216,14 +218,15 @@ def beam_search(model: Transformer, params, memory: jnp.ndarray, src_mask: jnp.n
     fed = jnp.ones((b * k, 1), dtype=jnp.bool_)  # [B*K, 1]
     first_row = jnp.arange(b)[:, None] * k  # [B, 1]
     top_ranks = jnp.arange(2 * k) < k  # [2K]: the K best of the 2K extensions
-    done = jnp.zeros(b, dtype=jnp.bool_)  # [B]: "hf" rows whose pool can no longer change
+    done = jnp.zeros(b, dtype=jnp.bool_)  # [B]: "hf"/"ctranslate2" rows whose pool is final
+    count = jnp.zeros(b, dtype=jnp.int32)  # [B]: hypotheses that joined the pool ("ctranslate2")
 
     def cond(carry):
         steps, *_, finished = carry
         return (steps < n) & ~finished
 
     def body(carry):
-        steps, live_tokens, live_logp, fin_tokens, fin_scores, token, cache, done, _ = carry
+        steps, live_tokens, live_logp, fin_tokens, fin_scores, token, cache, done, count, _ = carry
         logits, cache = model.apply({"params": params}, token, None, None, fed, cache, method=model.decode)  # [B*K, 1, V]
         logp = forbid(jax.nn.log_softmax(_at_least_float32(logits[:, -1]), -1), forbidden)  # [B*K, V]
         logp = force_eos(logp, eos_id, forced_eos and steps == n - 1).reshape(b, k, vocab)  # [B, K, V]
@@ -231,7 +234,7 @@ def beam_search(model: Transformer, params, memory: jnp.ndarray, src_mask: jnp.n
         parent, chosen = top_index // vocab, (top_index % vocab).astype(jnp.int32)  # [B, 2K]
         seqs = jnp.take_along_axis(live_tokens, parent[:, :, None], 1).at[:, :, steps].set(chosen)  # [B, 2K, N]
         ended = chosen == eos_id  # [B, 2K]
-        joins = (ended | (steps + 1 == n)) & top_ranks & ~done[:, None] if hf else ended  # [B, 2K]
+        joins = (ended | (steps + 1 == n)) & top_ranks & ~done[:, None] if pooled else ended  # [B, 2K]
         scores = jnp.concatenate([fin_scores, jnp.where(joins, top_logp / length_penalty(steps + 1, alpha, rule),
                                                         NEG_INF)], 1)  # [B, 3K]
         fin_scores, pick = jax.lax.top_k(scores, k)  # [B, K]
@@ -246,12 +249,16 @@ def beam_search(model: Transformer, params, memory: jnp.ndarray, src_mask: jnp.n
             done = done | ((fin_scores[:, -1] > NEG_INF / 2) &
                            (live_logp[:, 0] / length_penalty(steps + 1, alpha, rule) <= fin_scores[:, -1]))  # [B]
             finished = (done | dead).all()
+        elif ct2:
+            count = count + joins.sum(1, dtype=count.dtype)  # [B]
+            done = done | (joins[:, 0] if alpha == 0 else count >= k)  # [B]: alpha 0: CTranslate2's early exit
+            finished = (done | dead).all()
         else:
             finished = ((fin_scores[:, -1] > live_logp[:, 0] / length_penalty(n, alpha)) | dead).all()
-        return steps + 1, live_tokens, live_logp, fin_tokens, fin_scores, token, cache, done, finished
+        return steps + 1, live_tokens, live_logp, fin_tokens, fin_scores, token, cache, done, count, finished
 
     steps, live_tokens, _, fin_tokens, fin_scores, *_ = jax.lax.while_loop(
-        cond, body, (jnp.int32(0), live_tokens, live_logp, fin_tokens, fin_scores, token, cache, done,
+        cond, body, (jnp.int32(0), live_tokens, live_logp, fin_tokens, fin_scores, token, cache, done, count,
                      jnp.bool_(False)))
     has_finished = (fin_scores[:, 0] > NEG_INF / 2)[:, None]  # [B, 1]
     return jnp.where(has_finished, fin_tokens[:, 0], live_tokens[:, 0]), steps  # [B, N]

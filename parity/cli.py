@@ -341,10 +341,11 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam", type=int, default=1, help="beam size (default 1: greedy)")
     p.add_argument("--length-penalty", type=float, default=0.6, help="beam search length penalty alpha (GNMT; "
                    "default 0.6)")
-    p.add_argument("--beam-rule", choices=("twin", "hf"), help="beam search scoring and stopping: twin (GNMT "
-                   "penalty, exact stop; the twins' default) or hf (transformers' generate: len ** alpha, "
-                   "early_stopping=False; use --length-penalty 1.0 for its default); a CTranslate2 model searches by "
-                   "its own rule and takes neither")
+    p.add_argument("--beam-rule", choices=("twin", "hf", "ctranslate2"), help="beam search scoring and stopping: "
+                   "twin (GNMT penalty, exact stop; the twins' default), hf (transformers' generate: len ** alpha, "
+                   "early_stopping=False; use --length-penalty 1.0 for its default) or ctranslate2 (CTranslate2's "
+                   "translate_batch: len ** alpha, stop once beam-size hypotheses end; a CTranslate2 model's own "
+                   "and only rule)")
     p.add_argument("--forced-eos", action="store_true", help="the last token is EOS where a sentence has not "
                    "ended (transformers' forced_eos_token_id, which opus-mt configs set)")
     p.add_argument("--hf-generation", action="store_true", help="decode as transformers' generate does under "

@@ -17,10 +17,9 @@ sampling_topp, sampling_temperature, and `ctranslate2.set_random_seed(seed)` bef
 its worker thread's generator once, so sampling repeats from the seed for the same sequence of calls on a freshly
 loaded model (each `twin translate --seed` run), not call by call.
 
-Greedy decoding is the twins' greedy (the same argmax over the same ids). Beam search is CTranslate2's own rule
-(`beam_rule="ctranslate2"`): 2K candidates per step, an EOS among the best K finishes that hypothesis, the search
-stops once K hypotheses have finished, scores are summed log-probabilities / len ** length_penalty; the twins'
-"twin" and "hf" rules are different searches and are refused here, as is forced_eos (CTranslate2 has none).
+Greedy decoding is the twins' greedy (the same argmax over the same ids). Beam search is CTranslate2's own rule,
+which the twins also implement as `beam_rule="ctranslate2"` (`parity.decoding.BEAM_RULES`); their "twin" and "hf"
+rules are different searches and are refused here, as is forced_eos (CTranslate2 has none).
 """
 
 from __future__ import annotations
@@ -131,8 +130,8 @@ def decoding_kwargs(model: CT2Model, *, max_new_tokens: int, bos_id: int, eos_id
     check_generate_args(cfg, max_new_tokens=max_new_tokens, bos_id=bos_id, eos_id=eos_id, beam_size=beam_size,
                         length_penalty=length_penalty, temperature=temperature, top_k=top_k, top_p=top_p)
     if beam_size > 1 and beam_rule not in (None, BEAM_RULE):
-        raise ValueError(f"beam_rule {beam_rule!r}: CTranslate2 searches beams by its own rule "
-                         f"({BEAM_RULE!r}: stop once beam_size hypotheses end, len ** length_penalty)")
+        raise ValueError(f"beam_rule {beam_rule!r}: CTranslate2 searches beams by its own rule, {BEAM_RULE!r} (the "
+                         f"twins decode by it too)")
     if forced_eos:
         raise ValueError("forced_eos: CTranslate2 has no forced EOS at max_new_tokens")
     if model.target[bos_id] != model.start_token:

@@ -23,7 +23,7 @@ def forbidden_ids(cfg: TransformerConfig, bos_id: int, eos_id: int) -> tuple[int
     return tuple(sorted({cfg.pad_id, bos_id} - {eos_id}))
 
 
-BEAM_RULES = ("twin", "hf")
+BEAM_RULES = ("twin", "hf", "ctranslate2")
 """Beam search's rules, the `beam_rule` of both twins' generate:
 - "twin": the length penalty ((5 + len) / 6) ** alpha (Wu et al. 2016); any EOS among the 2K best extensions
   joins the finished pool; the search stops when no live hypothesis can still beat every finished one (an
@@ -32,7 +32,12 @@ BEAM_RULES = ("twin", "hf")
   (its length_penalty, 1.0 by default); only EOS extensions ranked among the best K of the 2K join the pool; a
   row is done once its pool is full and its best live score divided by the penalty of its current length
   does not beat the worst finished one, and adds nothing after that; at max_new_tokens the best K extensions
-  join the pool, EOS or not."""
+  join the pool, EOS or not.
+- "ctranslate2": CTranslate2 4.8's `translate_batch(beam_size=K, patience=1)` (src/decoding.cc BeamSearch): the
+  penalty len ** alpha (its length_penalty), applied when a hypothesis is final; EOS extensions among the best K
+  of the 2K join the pool, and at max_new_tokens the best K extensions, EOS or not; a row is done once K
+  hypotheses have joined (with alpha 0 instead: once the best extension of a step joins), and returns the best
+  of its pool."""
 
 
 def hf_generation_options(config: Mapping, eos_id: int, where: str = "generation_config.json") -> dict:
@@ -53,8 +58,9 @@ def hf_generation_options(config: Mapping, eos_id: int, where: str = "generation
 
 def length_penalty(length, alpha: float, rule: str = "twin"):
     """The divisor of a hypothesis' summed log-probability: ((5 + length) / 6) ** alpha (Wu et al. 2016) for
-    the "twin" rule, length ** alpha (transformers) for "hf"; length counts the new tokens, EOS included."""
-    if rule == "hf":
+    the "twin" rule, length ** alpha (transformers, CTranslate2) for "hf" and "ctranslate2"; length counts the new
+    tokens, EOS included."""
+    if rule in ("hf", "ctranslate2"):
         return (0.0 + length) ** alpha
     return ((5.0 + length) / 6.0) ** alpha
 

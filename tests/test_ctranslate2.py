@@ -219,6 +219,17 @@ def test_tiny_run_translates_its_test_split_identically(tiny_ct2, test_split):
     assert len(sources) >= 500 and ours == ref
 
 
+@pytest.mark.parametrize("framework, alphas", [("torch", (0.0, 0.6, 1.0)), ("jax", (0.6,))])
+def test_beam_search_is_ctranslate2s_in_both_twins(tiny_ct2, test_split, framework, alphas):
+    """Beam 4 through CTranslate2 is the twins' beam_rule "ctranslate2": the same translations of 300 test sentences,
+    with length penalty 0 (CTranslate2's early exit once the best extension ends), 0.6 and 1."""
+    sources = [s for s, _ in test_split[:300]]
+    ours, ref = Translator.load(tiny_ct2), Translator.load(TINY_RUN, framework)
+    for alpha in alphas:
+        assert ours.translate(sources, beam_size=4, length_penalty=alpha) == \
+            ref.translate(sources, beam_size=4, length_penalty=alpha, beam_rule="ctranslate2"), alpha
+
+
 def test_twin_translate_and_eval_on_the_directory(tiny_ct2):
     result = twin("translate", tiny_ct2, "one hundred and five", "twenty two", "--batch-size", "1")
     assert result.returncode == 0 and result.stdout.splitlines() == \
@@ -247,7 +258,8 @@ def test_int8_export_loads_decodes_and_reports_its_agreement(tiny_ct2, tmp_path,
 def test_an_imported_opus_mt_model_deploys(tmp_path):
     """An opus-mt-like directory (MarianTokenizer, decoder start = pad) converts straight to CTranslate2: the same
     greedy translations as the torch twin reading the directory (which equal transformers' own, tests/
-    test_hf_translate.py), and the same tokens as CTranslate2's own TransformersConverter."""
+    test_hf_translate.py), beam 4 as the twin's beam_rule "ctranslate2", and the same greedy tokens as
+    CTranslate2's own TransformersConverter."""
     pytest.importorskip("transformers")
     pytest.importorskip("sentencepiece")
     from hf_fixtures import save_marian_dir
@@ -263,6 +275,9 @@ def test_an_imported_opus_mt_model_deploys(tmp_path):
     sources = ours.encode(texts)
     ids = ours.generate_ids(sources, options)
     assert [r.tolist() for r in ids] == [r.tolist() for r in ref.generate_ids(sources, options)]
+    beams = DecodeOptions(max_new_tokens=12, beam_size=4, length_penalty=1.0)
+    assert [r.tolist() for r in ours.generate_ids(sources, beams)] == \
+        [r.tolist() for r in ref.generate_ids(sources, DecodeOptions(**{**beams.__dict__, "beam_rule": "ctranslate2"}))]
     import ctranslate2
     from ctranslate2.converters import TransformersConverter
 

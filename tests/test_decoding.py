@@ -201,17 +201,19 @@ def test_greedy_and_beam_tokens_match_across_twins(cfg, source, seed, beam_size,
         assert ended.any(1).all()
 
 
-@settings(max_examples=8)
+@settings(max_examples=12)
 @given(cfg=configs(), source=st.sampled_from(suite.TWINS), seed=st.integers(0, 2**31 - 1),
        beam_size=st.sampled_from([1, 2, 3]), alpha=st.sampled_from([0.0, 1.0, 2.0]), eos=st.integers(2, 6),
-       forced_eos=st.booleans())
-def test_hf_beam_rule_and_forced_eos_match_across_twins(cfg, source, seed, beam_size, alpha, eos, forced_eos):
-    """beam_rule "hf" (transformers' scoring, pool and stopping) and forced_eos give the same tokens in both
-    twins; with forced_eos every row that runs to max_new_tokens ends in EOS."""
+       forced_eos=st.booleans(), rule=st.sampled_from(["hf", "ctranslate2"]))
+def test_pooled_beam_rules_and_forced_eos_match_across_twins(cfg, source, seed, beam_size, alpha, eos, forced_eos,
+                                                            rule):
+    """beam_rule "hf" (transformers' scoring, pool and stopping) and "ctranslate2" (CTranslate2's), with or without
+    forced_eos, give the same tokens in both twins; with forced_eos every row that runs to max_new_tokens ends in
+    EOS."""
     twins = Twins.random(cfg, source, seed)
     src = _sources(cfg, np.random.default_rng(seed))
     kw = dict(max_new_tokens=6, beam_size=beam_size, length_penalty=alpha, eos_id=eos, forced_eos=forced_eos)
-    tokens_t, tokens_j = twins.generate(src, beam_rule="hf", **kw)
+    tokens_t, tokens_j = twins.generate(src, beam_rule=rule, **kw)
     np.testing.assert_array_equal(tokens_t, tokens_j)
     if forced_eos:
         assert tokens_t.shape[1] <= 6 and (tokens_t == eos).any(1).all()
@@ -404,7 +406,7 @@ def test_sampled_first_tokens_follow_the_model_distribution(small_twins):
     (dict(beam_size=2, temperature=0.5), "beam search is deterministic"),
     (dict(eos_id=9), r"eos_id must be a target token id in \[0, 9\)"),
     (dict(beam_size=2.0), "beam_size must be an int"),
-    (dict(beam_size=2, beam_rule="fairseq"), "beam_rule must be one of twin, hf, got 'fairseq'"),
+    (dict(beam_size=2, beam_rule="fairseq"), "beam_rule must be one of twin, hf, ctranslate2, got 'fairseq'"),
     (dict(forced_eos=1), "forced_eos must be a bool, got 1"),
 ], ids=lambda v: str(v) if isinstance(v, dict) else "")
 @pytest.mark.parametrize("twin", ["torch", "jax"])

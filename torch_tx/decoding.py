@@ -182,11 +182,13 @@ def beam_search(model: Transformer, memory: torch.Tensor, src_mask: torch.Tensor
     The forbidden ids' log-probabilities are floored (not renormalised: a hypothesis scores its
     log-probability under the model, as in fairseq and Hugging Face), so every extension by an allowed
     token, a dead beam's included, outranks one by a forbidden token; EOS is allowed, so a forbidden
-    token is never returned. rule="hf" scores, keeps and stops as transformers does (`parity.decoding.BEAM_RULES`);
+    token is never returned. rule="hf" scores, keeps and stops as transformers does, rule="ctranslate2" as
+    CTranslate2 does (`parity.decoding.BEAM_RULES`);
     forced_eos: at the last step only EOS extends a hypothesis.
     """
     b, k, n, pad_id = memory.shape[0], beam_size, max_new_tokens, model.cfg.pad_id
-    device, vocab, hf = memory.device, model.cfg.tgt_vocab_size, rule == "hf"
+    device, vocab = memory.device, model.cfg.tgt_vocab_size
+    hf, ct2, pooled = rule == "hf", rule == "ctranslate2", rule != "twin"
     forbidden = forbidden_ids(model.cfg, bos_id, eos_id)
     cache = _map_cache(model.init_cache(memory, src_mask, n), lambda x: x.repeat_interleave(k, 0), self_only=False)
     dtype = torch.promote_types(memory.dtype, torch.float32)
@@ -199,7 +201,8 @@ def beam_search(model: Transformer, memory: torch.Tensor, src_mask: torch.Tensor
     fed = torch.ones(b * k, 1, dtype=torch.bool, device=device)  # [B*K, 1]
     first_row = torch.arange(b, device=device)[:, None] * k  # [B, 1]
     top_ranks = torch.arange(2 * k, device=device) < k  # [2K]: the K best of the 2K extensions
-    done = torch.zeros(b, dtype=torch.bool, device=device)  # [B]: "hf" rows whose pool can no longer change
+    done = torch.zeros(b, dtype=torch.bool, device=device)  # [B]: "hf"/"ctranslate2" rows whose pool is final
+    count = torch.zeros(b, dtype=torch.long, device=device)  # [B]: hypotheses that joined the pool ("ctranslate2")
     steps, finished = 0, False
     while steps < n and not finished:
         logits, cache = model.decode(token, None, tgt_mask=fed, cache=cache)  # [B*K, 1, V]
@@ -210,7 +213,7 @@ def beam_search(model: Transformer, memory: torch.Tensor, src_mask: torch.Tensor
         seqs = live_tokens.gather(1, parent[:, :, None].expand(-1, -1, n)).clone()  # [B, 2K, N]
         seqs[:, :, steps] = chosen
         ended = chosen == eos_id  # [B, 2K]
-        joins = (ended | (steps + 1 == n)) & top_ranks & ~done[:, None] if hf else ended  # [B, 2K]
+        joins = (ended | (steps + 1 == n)) & top_ranks & ~done[:, None] if pooled else ended  # [B, 2K]
         scores = torch.cat([fin_scores, torch.where(joins, top_logp / length_penalty(steps + 1, alpha, rule),
                                                     NEG_INF)], 1)  # [B, 3K]
         fin_scores, pick = _top_k(scores, k)  # [B, K]
@@ -225,6 +228,10 @@ def beam_search(model: Transformer, memory: torch.Tensor, src_mask: torch.Tensor
         if hf:
             done = done | ((fin_scores[:, -1] > NEG_INF / 2) &
                            (live_logp[:, 0] / length_penalty(steps, alpha, rule) <= fin_scores[:, -1]))  # [B]
+            finished = bool((done | dead).all())
+        elif ct2:
+            count = count + joins.sum(1)  # [B]
+            done = done | (joins[:, 0] if alpha == 0 else count >= k)  # [B]: alpha 0: CTranslate2's early exit
             finished = bool((done | dead).all())
         else:
             finished = bool(((fin_scores[:, -1] > live_logp[:, 0] / length_penalty(n, alpha)) | dead).all())
