@@ -34,7 +34,7 @@ import numpy as np
 from parity.config import TransformerConfig
 from parity.decoding import check_generate_args, check_prompt, forbidden_ids
 from parity.formats.ctranslate2 import (HEAD_FILE, HEAD_KEYS, CT2Error, ct2_config, is_ct2_dir, read_twin_config,
-                                        read_vocabularies)
+                                        read_vocabularies, stored_weight_type)
 
 CLASSES = {"seq2seq": "Translator", "decoder": "Generator", "encoder": "Encoder"}
 BEAM_RULE = "ctranslate2"
@@ -342,9 +342,10 @@ def compare(model: CT2Model, weights, *, bos_id: int, eos_id: int, twin: str = "
     from parity.suite import RUNNERS, Check, errors, make_inputs
 
     cfg = model.cfg
-    compute = str(getattr(model.engine, "compute_type", model.compute_type))
-    reported = compute not in EXACT_TYPES
+    stored, compute = stored_weight_type(model.path), str(model.engine.compute_type)
+    reported = stored not in EXACT_TYPES or compute not in EXACT_TYPES
     tol = float("inf") if reported else SCORE_TOLERANCE
+    compute = compute if compute == stored else f"{stored} -> {compute}"
     label = f" ({compute}: reported)" if reported else ""
     rng = np.random.default_rng(seed)
     inputs = make_inputs(cfg, rng.integers(1, length + 1, size=batch), rng.integers(1, length + 1, size=batch),

@@ -192,6 +192,24 @@ def test_decoding_options_map_onto_ctranslate2(tmp_path):
             ct2.generate(model, src, max_new_tokens=4, **{**kw, **bad})
 
 
+@pytest.mark.parametrize("quantization, stored", [(None, "float32"), ("float32", "float32"), ("int8", "int8"),
+                                                   ("int8_float32", "int8"), ("int16", "int16"),
+                                                   ("float16", "float16"), ("bfloat16", "bfloat16")])
+def test_quantized_exports_load_decode_and_are_reported(tmp_path, quantization, stored):
+    """Every --quantization writes that weight type (read back from model.bin's headers), loads, decodes, and
+    compare() holds float32 to the tolerance and reports the others."""
+    from parity.formats.ctranslate2 import stored_weight_type
+
+    cfg = TransformerConfig(src_vocab_size=32, tgt_vocab_size=32, d_model=32, num_heads=2, num_encoder_layers=1,
+                            num_decoder_layers=1, d_ff=64, dropout=0.0, max_len=32)
+    weights = random_weights(cfg, "float32", 2)
+    model = export(tmp_path / "model", cfg, weights, quantization)
+    assert stored_weight_type(tmp_path / "model") == stored
+    rows = ct2.compare(model, f64(weights), bos_id=1, eos_id=2)
+    assert all(r.passed for r in rows)
+    assert all((r.tol == float("inf")) == (stored != "float32") for r in rows), rows
+
+
 # --------------------------------------------------------------------------- the trained model, end to end
 
 @pytest.fixture(scope="module")

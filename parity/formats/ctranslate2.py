@@ -298,6 +298,38 @@ def ct2_config(path: str | os.PathLike) -> dict[str, Any]:
         raise CT2Error(str(e)) from None
 
 
+MODEL_BIN_DTYPES = ("float32", "int8", "int16", "int32", "float16", "bfloat16")  # CTranslate2's DataType ids
+
+
+def stored_weight_type(path: str | os.PathLike) -> str:
+    """The type model.bin stores the feed-forward weights in (what --quantization chose), read from its variable
+    headers (`ModelSpec._serialize`'s layout: version, name, revision, then name, rank, dims, dtype id, size, data)."""
+    import struct
+
+    file = Path(path) / MODEL_FILE
+    try:
+        with open(file, "rb") as f:
+            def string() -> str:
+                (n,) = struct.unpack("H", f.read(2))
+                return f.read(n)[:-1].decode("utf-8")
+
+            f.read(4)
+            string()
+            f.read(4)
+            (count,) = struct.unpack("I", f.read(4))
+            for _ in range(count):
+                name = string()
+                (rank,) = struct.unpack("B", f.read(1))
+                f.read(4 * rank)
+                dtype, size = struct.unpack("B", f.read(1))[0], struct.unpack("I", f.read(4))[0]
+                if name.endswith("ffn/linear_0/weight"):
+                    return MODEL_BIN_DTYPES[dtype]
+                f.seek(size, os.SEEK_CUR)
+    except (OSError, struct.error, UnicodeDecodeError, IndexError) as e:
+        raise CT2Error(f"{file}: cannot read the variable headers ({e})") from None
+    raise CT2Error(f"{file}: no feed-forward weight found")
+
+
 def read_vocabularies(path: str | os.PathLike, arch: str) -> dict[str, list[str]]:
     """{"source", "target"} token lists (id order) of a CTranslate2 directory (shared_vocabulary.json,
     source_/target_vocabulary.json, or vocabulary.json for one-stack models)."""
