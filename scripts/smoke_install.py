@@ -234,6 +234,9 @@ def smoke(have: str, foreign: Path, work: Path) -> int:
     for src in foreign_sources:
         s.queue("convert", src, c / "y.safetensors", "--to", "safetensors", "--config", config_file,
                 absent=c / "y.safetensors", error=f"twin convert: {missing} (to read {src}): {install}")
+    s.queue("convert", TINY_RUN, c / "ct2", "--to", "ctranslate2", absent=c / "ct2",
+            error=f"twin convert: CTranslate2 is not installed (to write --to ctranslate2 at {c / 'ct2'}): "
+                  f"pip install 'twin-transformer[deploy]', or pass --to safetensors")
     s.queue("convert", TINY_RUN, c / "v.safetensors", "--to", "safetensors", "--verify",
             absent=c / "v.safetensors",
             error=f"twin convert: {missing} (--verify runs both twins): {install}, or leave out --verify")
