@@ -10,7 +10,8 @@ and writes it with the combined JSON (`report.json`, `report.md`):
   run; peak memory of each eager model training alone;
 - mixed precision (bench_precision.py): each trainer in float32 and bfloat16 mixed precision, and torch's
   trainer under torch.compile;
-- decoding (bench_decode.py, d_model 512): greedy tokens/s of each twin's cached `generate` against
+- decoding (bench_decode.py, d_model 512, 6+6 layers): greedy tokens/s of each twin's cached `generate`, and
+  CTranslate2 float32 / int8 greedy and beam 4 when the deploy extra is installed, against
   torch.nn.Transformer's tutorial loop;
 - conversion (bench_convert.py, a 0.37 GB checkpoint): MB/s of `twin convert` from the canonical
   safetensors file to each format and back, whole commands (imports included) and excluding imports.
@@ -83,10 +84,13 @@ def precision_lines(precision: dict[str, Any]) -> list[str]:
 
 def decode_lines(decode: dict[str, Any]) -> list[str]:
     lines = [f"Decoding, batch {decode['settings']['batch']}, {decode['settings']['new_tokens']} new tokens a row.", "",
-             "| d_model | model | decoding | tokens/s | vs peer |", "|---:|---|---|---:|---:|"]
+             "| d_model | model | decoding | tokens/s | vs peer | vs CTranslate2 float32 |",
+             "|---:|---|---|---:|---:|---:|"]
     for r in decode["results"]:
+        vs_ct2 = r.get("ratio_to_ct2_float32")
         lines.append(f"| {r['d_model']} | {r['model']} | {r['decoding']} | {r['tokens_per_s']:,.0f} | "
-                     f"{'%.1fx' % r['ratio'] if r['ratio'] is not None else '-'} |")
+                     f"{'%.1fx' % r['ratio'] if r['ratio'] is not None else '-'} | "
+                     f"{'%.2fx' % vs_ct2 if vs_ct2 is not None else '-'} |")
     return lines
 
 
