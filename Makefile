@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-dev bench native clean
+.PHONY: setup demo test test-dev bench native clean device-check
 
 setup: $(STAMP)
 
@@ -48,6 +48,11 @@ $(MKL_SHIM): native/mkl_intel_cpu.c $(STAMP)
 
 bench: setup $(if $(BENCH_PRELOAD),native)
 	LD_PRELOAD=$(BENCH_PRELOAD) $(VENV)/bin/twin bench
+
+# `make device-check`: issue 22's device check (scripts/device_check.sh) with python3 as it is, PYTHONPATH=., no install
+#   step; DEVICE=cuda by default; report.json and summary.md in $OUT (device_report/). Here: DEVICE=cpu PYTHON=.venv/bin/python.
+device-check:
+	PYTHON=$(PYTHON) scripts/device_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
