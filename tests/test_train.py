@@ -154,6 +154,22 @@ def test_trainer_round_trips_weights(tokenizer, framework):
     assert all(np.array_equal(got[k], weights[k]) for k in weights)
 
 
+@pytest.mark.parametrize("framework", sorted(TRAINERS))
+def test_exported_state_is_a_snapshot(tokenizer, batches, framework):
+    """weights() and export_state() are copies: the next step leaves them as they were (on CPU torch's .cpu() of a
+    CPU tensor is the tensor itself, so a view would be rewritten in place by the optimizer)."""
+    cfg = model_config("tiny", tokenizer.vocab_size).replace(dropout=0.0, max_len=32)
+    trainer = TRAINERS[framework](cfg, TrainConfig(warmup_steps=1), init_canonical(cfg, "torch", 4))
+    trainer.train_step(batches[0])
+    weights, state = trainer.weights(), trainer.export_state(1)
+    frozen = {k: v.copy() for k, v in weights.items()}
+    moments = {k: v.copy() for k, v in state.exp_avg.items()}
+    trainer.train_step(batches[1])
+    assert all(np.array_equal(weights[k], frozen[k]) and np.array_equal(state.weights[k], frozen[k]) for k in frozen)
+    assert all(np.array_equal(state.exp_avg[k], moments[k]) for k in moments)
+    assert any(not np.array_equal(v, frozen[k]) for k, v in trainer.weights().items())
+
+
 def _run(framework, out, steps, resume=False, **kw):
     return run(framework, "builtin", out, model=kw.pop("model", "tiny"), tcfg=TrainConfig(**{**TINY, "steps": steps}),
                resume=resume, limit=3000, test_limit=0, progress=False, echo=lambda s: None, **kw)

@@ -258,8 +258,9 @@ class Trainer:
         return model(torch.from_numpy(src).to(self.device, torch.long))[1].argmax(-1).cpu().numpy()  # [B]
 
     def weights(self) -> dict[str, np.ndarray]:
-        """The weights in canonical names, whole (FSDP2: gathered; every process must call this)."""
-        return {k: to_numpy(whole(v)) for k, v in self.model.state_dict().items()}
+        """A copy of the weights in canonical names, whole (FSDP2: gathered; every process must call this). A copy:
+        on CPU `.cpu()` returns the parameter itself, whose numpy view the next step would rewrite."""
+        return {k: to_numpy(whole(v)).copy() for k, v in self.model.state_dict().items()}
 
     def export_state(self, step: int) -> TrainState:
         """Weights, Adam moments (canonical names, tied names repeated) and the dropout RNG after `step` updates.
@@ -272,7 +273,7 @@ class Trainer:
         for key in weights:
             slot = self.optimizer.state.get(self.params[key], {})
             for moment, arrays in moments.items():
-                arrays[key] = to_numpy(whole(slot[moment])) if moment in slot else np.zeros_like(weights[key])
+                arrays[key] = to_numpy(whole(slot[moment])).copy() if moment in slot else np.zeros_like(weights[key])
         rng = {"torch": torch.get_rng_state().numpy()}
         if self.context is not None:
             rng[PROCESS_RNG] = self.context.all_gather(torch.get_rng_state()).numpy()  # [P, N]
