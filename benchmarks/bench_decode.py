@@ -143,10 +143,10 @@ def tutorial_greedy(peer: TorchPeer, src: torch.Tensor, new_tokens: int) -> torc
     """The tutorials' greedy loop, batched: src (B, S) -> (B, new_tokens) ids, pad after EOS; no cache."""
     src_pad = src == PAD  # [B, S] True = pad
     memory = peer.transformer.encoder(peer.embed(peer.src_embed, src), src_key_padding_mask=src_pad)  # [B, S, D]
-    ys = torch.full((src.shape[0], 1), BOS, dtype=torch.long)  # [B, 1]
-    done = torch.zeros(src.shape[0], dtype=torch.bool)  # [B]
+    ys = torch.full((src.shape[0], 1), BOS, dtype=torch.long, device=src.device)  # [B, 1]
+    done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)  # [B]
     for _ in range(new_tokens):
-        causal = tnn.Transformer.generate_square_subsequent_mask(ys.shape[1])  # [T, T] float, -inf above
+        causal = tnn.Transformer.generate_square_subsequent_mask(ys.shape[1], device=src.device)  # [T, T] -inf above
         out = peer.transformer.decoder(peer.embed(peer.tgt_embed, ys), memory, tgt_mask=causal,
                                        memory_key_padding_mask=src_pad)  # [B, T, D]
         next_ids = peer.generator(out[:, -1]).argmax(-1)  # [B]

@@ -147,7 +147,7 @@ class TorchPeer(tnn.Module):
         src_pad = src == self.pad_id  # [B, S] True = pad
         tgt_pad = tgt == self.pad_id  # [B, T]
         length = tgt.shape[1]
-        causal = torch.ones(length, length, dtype=torch.bool).triu(1)  # [T, T] True = masked
+        causal = torch.ones(length, length, dtype=torch.bool, device=tgt.device).triu(1)  # [T, T] True = masked
         y = self.transformer(self.embed(self.src_embed, src), self.embed(self.tgt_embed, tgt), tgt_mask=causal,
                              src_key_padding_mask=src_pad, tgt_key_padding_mask=tgt_pad,
                              memory_key_padding_mask=src_pad, tgt_is_causal=True)  # [B, T, D]

@@ -77,3 +77,20 @@ def test_bench_decode_runs_without_ctranslate2(tmp_path, monkeypatch):
     assert data["ctranslate2"] is None and data["ctranslate2_comparison"] == []
     assert [line for line in out.splitlines() if "ctranslate2" in line] == [
         "ctranslate2 is not installed (the optional [deploy] extra): no CTranslate2 rows"]
+
+
+def test_the_peer_builds_its_causal_mask_on_the_inputs_device():
+    """TorchPeer.forward makes its causal mask on the device of its inputs (on a GPU a CPU mask is an error): run on
+    the meta device, where a CPU tensor would not mix (train mode, dropout 0: nn.Transformer's eval-mode
+    nested-tensor path has no meta kernel). The tutorials' loop got the same fix; it reads `done` on the host every
+    step, which a meta tensor cannot give."""
+    import torch
+
+    from benchmarks.bench_train import TorchPeer
+    from parity.config import TransformerConfig
+
+    cfg = TransformerConfig(src_vocab_size=11, tgt_vocab_size=11, d_model=16, num_heads=2, num_encoder_layers=1,
+                            num_decoder_layers=1, d_ff=32, dropout=0.0, max_len=16)
+    peer = TorchPeer(cfg).train().to("meta")
+    src = torch.zeros(2, 5, dtype=torch.long, device="meta")
+    assert peer(src, torch.zeros(2, 4, dtype=torch.long, device="meta")).shape == (2, 4, 11)
