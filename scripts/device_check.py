@@ -1077,32 +1077,12 @@ def make_runner(name: str, dtype: str, cfg, batches, ctx: Context):
     if name == "torch_tx.Transformer":
         return DeviceTorchRunner(torch_tx.Transformer(cfg), batches, device, compute)
     if name == "torch.nn.Transformer":
-        return DeviceTorchRunner(device_torch_peer(cfg), batches, device, compute)
+        return DeviceTorchRunner(bench_train.TorchPeer(cfg), batches, device, compute)  # masks on the inputs' device
     if name == "transformers Marian":
         return MarianRunner(cfg, batches, device, compute)
     model = jax_tx.Transformer(cfg) if name == "jax_tx.Transformer" else bench_train.FlaxPeer(cfg)
     with jax_on(device, None):
         return bench_train.JaxRunner(model, batches, seed) if compute is None else MixedJaxRunner(model, batches, seed)
-
-
-def device_torch_peer(cfg):
-    """bench_train.TorchPeer with its causal mask built on the inputs' device (TorchPeer.forward builds it on
-    the CPU, which nn.Transformer refuses for CUDA inputs)."""
-    import torch
-
-    from benchmarks.bench_train import TorchPeer
-
-    class DeviceTorchPeer(TorchPeer):
-        def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-            src_pad, tgt_pad = src == self.pad_id, tgt == self.pad_id  # [B, S], [B, T] True = pad
-            length = tgt.shape[1]
-            causal = torch.ones(length, length, dtype=torch.bool, device=tgt.device).triu(1)  # [T, T] True = masked
-            y = self.transformer(self.embed(self.src_embed, src), self.embed(self.tgt_embed, tgt), tgt_mask=causal,
-                                 src_key_padding_mask=src_pad, tgt_key_padding_mask=tgt_pad,
-                                 memory_key_padding_mask=src_pad, tgt_is_causal=True)  # [B, T, D]
-            return self.generator(y)  # [B, T, V]
-
-    return DeviceTorchPeer(cfg)
 
 
 class DeviceTorchRunner:

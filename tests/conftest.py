@@ -88,3 +88,14 @@ def _seed_every_test(request):
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one intra-op thread while a module runs (`pytestmark = pytest.mark.usefixtures(...)`): its models
+    are small, and under pytest-xdist's two workers on two cores a second spinning torch thread made such modules
+    8-15x slower (measured in test_translate_cli and test_hf_translate)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

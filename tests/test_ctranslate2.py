@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 pytest.importorskip("ctranslate2")
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")  # the reference twin
 
 from parity import ct2  # noqa: E402
 from parity.config import TransformerConfig  # noqa: E402
@@ -36,13 +36,7 @@ TINY_RUN = ROOT / "tests" / "data" / "tiny_run"
 ALL_ARCHS = ("seq2seq", "encoder", "decoder")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """torch on one intra-op thread in this module (two xdist workers share two cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def export(tmp: Path, cfg: TransformerConfig, weights, quantization: str | None = None) -> ct2.CT2Model:

@@ -26,14 +26,7 @@ STEPS = 9  # new tokens per sentence
 SENTENCES = 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """torch (transformers, the torch twin, the trainer) on one intra-op thread while this module runs: under
-    pytest-xdist's two workers on two cores, a second spinning thread made this module's setup 15x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

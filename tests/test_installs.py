@@ -120,23 +120,29 @@ print("hf install: 0 failed checks")
 """
 
 
-def test_hf_extra_install_reads_translates_and_exports_opus_mt(tmp_path, tmp_path_factory):
-    """`pip install -e '.[hf]'` alone (torch, transformers, sentencepiece; no JAX): an opus-mt-like directory
-    converts in and back out, translates through its MarianTokenizer, and twin parity names the missing extra."""
+def run_extra_smoke(extra: str, script: str, args: list, tmp_path, tmp_path_factory) -> None:
+    """`pip install -e '.[extra]'` alone into a fresh virtualenv, then `script` (python -c) with `args`, on one
+    thread; it must exit 0 and print "<extra> install: 0 failed checks"."""
     home = venv_home(tmp_path)
-    venv = home / "venv-hf"
+    venv = home / f"venv-{extra}"
     try:
-        seconds = build_venv(venv, "hf", tmp_path_factory.getbasetemp().parent / "editable-install.lock")
+        seconds = build_venv(venv, extra, tmp_path_factory.getbasetemp().parent / "editable-install.lock")
         env = {k: v for k, v in os.environ.items() if k not in CLEARED}
         env.update(PATH=f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONNOUSERSITE="1",
                    PYTHONPYCACHEPREFIX=str(home / "pycache"), OMP_NUM_THREADS="1")
-        result = subprocess.run([str(venv / "bin" / "python"), "-c", HF_SMOKE, str(ROOT / "tests"), str(tmp_path)],
+        result = subprocess.run([str(venv / "bin" / "python"), "-c", script, *map(str, args)],
                                 capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env, timeout=1200)
-        print(f"hf-only virtualenv built in {seconds:.0f} s\n{result.stdout}")
+        print(f"{extra}-only virtualenv built in {seconds:.0f} s\n{result.stdout}")
         assert result.returncode == 0, f"{result.stdout[-8000:]}\n{result.stderr[-4000:]}"
-        assert "hf install: 0 failed checks" in result.stdout
+        assert f"{extra} install: 0 failed checks" in result.stdout
     finally:
         shutil.rmtree(venv if home == tmp_path else home, ignore_errors=True)
+
+
+def test_hf_extra_install_reads_translates_and_exports_opus_mt(tmp_path, tmp_path_factory):
+    """`pip install -e '.[hf]'` alone (torch, transformers, sentencepiece; no JAX): an opus-mt-like directory
+    converts in and back out, translates through its MarianTokenizer, and twin parity names the missing extra."""
+    run_extra_smoke("hf", HF_SMOKE, [ROOT / "tests", tmp_path], tmp_path, tmp_path_factory)
 
 
 DEPLOY_SMOKE = """
@@ -162,20 +168,7 @@ print("deploy install: 0 failed checks")
 def test_deploy_extra_install_converts_translates_and_evaluates(tmp_path, tmp_path_factory):
     """`pip install -e '.[deploy]'` alone (CTranslate2; neither torch nor JAX): tiny_run converts to CTranslate2,
     translates and evaluates through it; what needs a twin names the missing extra."""
-    home = venv_home(tmp_path)
-    venv = home / "venv-deploy"
-    try:
-        seconds = build_venv(venv, "deploy", tmp_path_factory.getbasetemp().parent / "editable-install.lock")
-        env = {k: v for k, v in os.environ.items() if k not in CLEARED}
-        env.update(PATH=f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONNOUSERSITE="1",
-                   PYTHONPYCACHEPREFIX=str(home / "pycache"), OMP_NUM_THREADS="1")
-        result = subprocess.run([str(venv / "bin" / "python"), "-c", DEPLOY_SMOKE, str(TINY_RUN), str(tmp_path)],
-                                capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env, timeout=1200)
-        print(f"deploy-only virtualenv built in {seconds:.0f} s\n{result.stdout}")
-        assert result.returncode == 0, f"{result.stdout[-8000:]}\n{result.stderr[-4000:]}"
-        assert "deploy install: 0 failed checks" in result.stdout
-    finally:
-        shutil.rmtree(venv if home == tmp_path else home, ignore_errors=True)
+    run_extra_smoke("deploy", DEPLOY_SMOKE, [TINY_RUN, tmp_path], tmp_path, tmp_path_factory)
 
 
 # ------------------------------------------------------------------------ parity.extras in this process

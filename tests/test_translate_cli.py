@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from parity.checkpoint import load_config, save_checkpoint
 from parity.cli import main
@@ -34,13 +33,7 @@ PAIRS = [("six hundred and sixty-five thousand, four hundred and eighty-eight", 
 SOURCES, EXPECTED = [p[0] for p in PAIRS], [p[1] for p in PAIRS]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The model is tiny; two torch threads on a busy 2-core machine spin-wait (8x slower measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -51,8 +51,6 @@ TWIN_CONFIG = "twin_config.json"
 HEAD_FILE = "classifier_head.safetensors"
 HEAD_KEYS = ("pooler.weight", "pooler.bias", "classifier.weight", "classifier.bias")
 ACTIVATIONS = {"relu": "RELU", "gelu": "GELU", "silu": "SWISH"}
-SPEC_CLASSES = {"seq2seq": "TransformerSpec", "decoder": "TransformerDecoderModelSpec",
-                "encoder": "TransformerEncoderModelSpec"}
 
 # One layer: spec attribute path (inside `layer[i]`) <- canonical sub-keys (inside `{stack}.layers.{i}`).
 # Linear rows are concatenated in the order given (fused projections); a string is a LayerNorm.
