@@ -178,7 +178,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
             raise TranslateError(f"--plot-attention draws one sentence; got {len(args.text)} texts")
         if args.plot_attention:
             check_writable(args.plot_attention, "--plot-attention")
-        translator = Translator.load(args.run_dir, args.framework, args.device)
+        translator = Translator.load(args.run_dir, args.framework, args.device, quantize=args.quantize)
         if args.text:
             texts, names = [t.strip() for t in args.text], [f"text {i}" for i in range(1, len(args.text) + 1)]
         else:
@@ -217,7 +217,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 raise TranslateError(f"{name} must be at least 1, got {value}")
         if args.json:
             check_writable(args.json, "--json")
-        translator = Translator.load(args.run_dir, args.framework, args.device)
+        translator = Translator.load(args.run_dir, args.framework, args.device, quantize=args.quantize)
         data = args.data
         if data is None:
             path = Path(args.run_dir) / "train_config.json"
@@ -241,7 +241,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"twin eval: {e}", file=sys.stderr)
         return 1
     skipped = f" ({scores['skipped']} longer than max_len skipped)" if scores["skipped"] else ""
-    print(f"{args.run_dir}: test split of {data}, {args.framework}, "
+    print(f"{args.run_dir}: test split of {data}, {args.framework}{' int8' if args.quantize else ''}, "
           f"{'greedy' if options.beam_size == 1 else f'beam {options.beam_size}'}")
     print(f"BLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}  exact match {scores['exact_match']:.2%}")
     print(f"{scores['sentences']} sentences{skipped} in {scores['seconds']:.2f} s "
@@ -355,6 +355,9 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
                    "source length + 10))")
     p.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default 64)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--quantize", choices=("int8",), help="int8: decode with the torch twin's dynamic int8 Linears "
+                   "(torch_tx.quantize; --framework torch on the CPU only; a CTranslate2 model is quantized when "
+                   "converted, twin convert --quantization)")
 
 
 def build_parser() -> argparse.ArgumentParser:

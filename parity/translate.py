@@ -99,7 +99,8 @@ def generation_config_options(run_dir: str | os.PathLike) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- backends
 
 class _TorchBackend:
-    def __init__(self, cfg: TransformerConfig, weights: dict[str, np.ndarray], device: str) -> None:
+    def __init__(self, cfg: TransformerConfig, weights: dict[str, np.ndarray], device: str,
+                 quantize: str | None = None) -> None:
         import torch
 
         import torch_tx
@@ -111,6 +112,10 @@ class _TorchBackend:
         self.model = torch_tx.Transformer(cfg)
         self.model.load_state_dict({k: to_torch(v) for k, v in weights.items()})
         self.model.to(self.device).eval()
+        if quantize == "int8":  # --quantize int8: dynamic int8 Linears (torch_tx.quantize), CPU only
+            from torch_tx.quantize import quantize_dynamic_int8
+
+            self.model = quantize_dynamic_int8(self.model)
 
     def generate(self, src: np.ndarray, **kw) -> np.ndarray:
         src_t = self.torch.from_numpy(src).to(self.device, self.torch.long)  # [B, S]
@@ -228,18 +233,46 @@ class Attention(NamedTuple):
     translation: str
 
 
+QUANTIZE = ("int8",)  # --quantize: the torch twin's own int8 path (torch_tx.quantize)
+
+
+def check_quantize(quantize: str | None, framework: str, device: str, run_dir: str | os.PathLike) -> None:
+    """TranslateError (one line naming --quantize) unless `quantize` is None or int8 on the torch twin on the CPU."""
+    if quantize is None:
+        return
+    if quantize not in QUANTIZE:
+        raise TranslateError(f"--quantize {quantize}: expected one of {', '.join(QUANTIZE)}")
+    if framework == CT2:
+        raise TranslateError(f"{run_dir}: --quantize int8 quantizes the torch twin; a CTranslate2 model is "
+                             f"quantized when converted (twin convert --to ctranslate2 --quantization int8): leave out "
+                             f"--quantize")
+    if framework != "torch":
+        raise TranslateError(f"--quantize int8 runs the torch twin only (torch_tx.quantize): pass --framework torch, "
+                             f"not --framework {framework}")
+    if device != "cpu":
+        raise TranslateError(f"--quantize int8 runs on the CPU only (torch's dynamic int8 kernels): leave out "
+                             f"--device {device}")
+
+
 class Translator:
     """A trained model, its tokenizer and one framework's `generate`."""
+
+    quantize: str | None = None  # "int8": the torch twin's dynamic int8 path (Translator.load(quantize=...))
 
     def __init__(self, cfg: TransformerConfig, tokenizer: Tokenizer, backend, framework: str) -> None:
         self.cfg, self.tokenizer, self.backend, self.framework = cfg, tokenizer, backend, framework
 
     @classmethod
-    def load(cls, run_dir: str | os.PathLike, framework: str | None = None, device: str = "cpu") -> "Translator":
+    def load(cls, run_dir: str | os.PathLike, framework: str | None = None, device: str = "cpu",
+             quantize: str | None = None) -> "Translator":
         """The run's model in `framework` (None: the installed one, torch when both are); a CTranslate2 directory
-        (`twin convert --to ctranslate2`) runs in CTranslate2 (framework None or "ctranslate2")."""
+        (`twin convert --to ctranslate2`) runs in CTranslate2 (framework None or "ctranslate2"). quantize "int8":
+        the torch twin with dynamic int8 Linears (`torch_tx.quantize`, CPU only); refused elsewhere."""
         from parity.formats.ctranslate2 import is_ct2_dir
 
+        if quantize is not None:
+            check_quantize(quantize, CT2 if is_ct2_dir(run_dir) else framework or default_framework("Translator.load"),
+                           device, run_dir)
         if is_ct2_dir(run_dir):
             if framework not in (None, CT2):
                 raise TranslateError(f"{run_dir}: a CTranslate2 model runs in CTranslate2: leave out --framework "
@@ -254,8 +287,13 @@ class Translator:
         if cfg.arch != "seq2seq":
             raise TranslateError(f"{run_dir}: a {cfg.arch}-only model (arch {cfg.arch!r}); twin translate and twin eval "
                                  "need a seq2seq run (the run's test scores are in its metrics.jsonl)")
-        backend = (_TorchBackend if framework == "torch" else _JaxBackend)(cfg, weights, device)
-        return cls(cfg, tokenizer, backend, framework)
+        if framework == "torch":
+            backend = _TorchBackend(cfg, weights, device, quantize)
+        else:
+            backend = _JaxBackend(cfg, weights, device)
+        translator = cls(cfg, tokenizer, backend, framework)
+        translator.quantize = quantize
+        return translator
 
     def encode(self, texts: Sequence[str], names: Sequence[str] | None = None, *,
                strict: bool = True) -> list[np.ndarray | None]:
@@ -359,7 +397,8 @@ class Translator:
                 "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
                 "exact_match": exact_match(hypotheses, references), "sentences": len(kept),
                 "skipped": len(pairs) - len(kept), "seconds": seconds,
-                "sentences_per_s": len(kept) / max(seconds, 1e-9), "framework": self.framework, **asdict(decode),
+                "sentences_per_s": len(kept) / max(seconds, 1e-9), "framework": self.framework,
+                "quantize": self.quantize, **asdict(decode),
                 "batch_size": batch_size, "translations": translations}
 
 
