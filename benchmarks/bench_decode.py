@@ -30,6 +30,12 @@ Measured: generated tokens per second, float32 on CPU, no gradients, in one proc
   each twin's tokens/s over ctranslate2 float32's (greedy over greedy, beam over beam), ctranslate2 int8's
   over float32's, and the share of greedy and of beam tokens (position by position over batch x new tokens)
   of each twin and of int8 equal to float32's. Without ctranslate2 importable these rows are left out, said in one line.
+- "torch_tx.generate int8" (issue 21; `--no-int8` leaves it out): the same torch twin through
+  `torch_tx.quantize.quantize_dynamic_int8` (dynamic int8 nn.Linear, per-channel qint8 weights, the quantized
+  engine torch picks: x86 here), greedy and beam search as the twin's rows, timed in the same turns. Its rows are a
+  table and a JSON list ("int8") of their own, beside the CTranslate2 int8 rows: tokens/s, its ratio to
+  ctranslate2 int8's and to the float32 torch twin's (greedy over greedy, beam over beam), and the share of its
+  tokens equal to the float32 torch twin's (CTranslate2 int8's equal to CTranslate2 float32's beside it).
   On AMD CPUs CTranslate2 4.8 picks its AVX2 kernels and oneDNN, not MKL (`CT2_VERBOSE=1` logs it;
   `CT2_FORCE_CPU_ISA`, `CT2_USE_MKL` change it).
 
@@ -97,6 +103,7 @@ from benchmarks.bench_train import (TorchPeer, environment, print_noisy, print_w
 from parity import convert, ct2  # noqa: E402
 from parity.config import TransformerConfig  # noqa: E402
 from parity.formats.ctranslate2 import IdVocabulary, write_ct2  # noqa: E402
+from torch_tx.quantize import quantize_dynamic_int8  # noqa: E402
 
 try:
     import ctranslate2  # the optional [deploy] extra
@@ -110,6 +117,7 @@ PEER_FAST = "torch.nn.Transformer, fast path"
 CT2_F32, CT2_INT8 = "ctranslate2 float32", "ctranslate2 int8"
 CT2_QUANTIZATION = {CT2_F32: "float32", CT2_INT8: "int8"}  # write_ct2's quantization; loaded as compute_type "default"
 TWINS = ("torch_tx.generate", "jax_tx.generate")
+TORCH_INT8 = "torch_tx.generate int8"  # torch_tx.quantize.quantize_dynamic_int8 of the torch twin (role "int8")
 
 
 def make_sources(batch: int, src_len: int, vocab: int, seed: int) -> np.ndarray:
@@ -162,7 +170,7 @@ def tutorial_greedy(peer: TorchPeer, src: torch.Tensor, new_tokens: int) -> torc
 class Entry:
     name: str  # model
     decoding: str
-    role: str  # "peer", "twin" or "ctranslate2"
+    role: str  # "peer", "twin", "ctranslate2" or "int8" (the torch twin's int8 path: reported on its own)
     mode: str  # "greedy", "beam" or "sample": what the ratios pair up
     ratio_to_peer: bool
     run: Callable[[], np.ndarray]  # one decoding call -> (B, n) ids on the host
@@ -196,8 +204,8 @@ def build_entries(cfg: TransformerConfig, args: argparse.Namespace, src_np: np.n
         "sample": (f"sample T={args.temperature:g} top-k {args.top_k}, KV cache",
                    {"temperature": args.temperature, "top_k": args.top_k, "seed": args.seed})}
 
-    def torch_run(kw: dict[str, Any]) -> Callable[[], np.ndarray]:
-        return lambda: torch_tx.generate(twin, src_t, max_new_tokens=n, bos_id=BOS, eos_id=EOS, **kw).numpy()
+    def torch_run(kw: dict[str, Any], model: tnn.Module = twin) -> Callable[[], np.ndarray]:
+        return lambda: torch_tx.generate(model, src_t, max_new_tokens=n, bos_id=BOS, eos_id=EOS, **kw).numpy()
 
     def jax_run(kw: dict[str, Any]) -> Callable[[], np.ndarray]:
         return lambda: np.asarray(jax_tx.generate(fmodel, params, src_j, max_new_tokens=n, bos_id=BOS,
@@ -218,12 +226,16 @@ def build_entries(cfg: TransformerConfig, args: argparse.Namespace, src_np: np.n
     if args.peer_fast_path:
         entries.append(Entry(PEER_FAST, "greedy, prefix recomputed", "peer", "greedy", False,
                              fastpath(True, lambda: tutorial_greedy(peer, src_t, n))))
+    int8 = quantize_dynamic_int8(twin) if args.int8 else None  # after the pad/BOS/EOS bias, like CTranslate2's
     for mode, (decoding, kw) in modes.items():
         entries.append(Entry("torch_tx.generate", decoding, "twin", mode, mode == "greedy", torch_run(kw)))
         entries.append(Entry("jax_tx.generate", decoding, "twin", mode, mode == "greedy", jax_run(kw)))
         if mode != "sample":
             entries.extend(Entry(name, decoding, "ctranslate2", mode, False, ct2_run(model, kw),
                                  model.engine.compute_type) for name, model in ct2_models.items())
+            if int8 is not None:
+                entries.append(Entry(TORCH_INT8, decoding, "int8", mode, False, torch_run(kw, int8),
+                                     f"qint8 per-channel, {torch.backends.quantized.engine}"))
     return entries
 
 
@@ -291,6 +303,44 @@ def ct2_comparison(d_model: int, entries: list[Entry], speed: dict[str, float],
             "same_beam_tokens_as_ct2_float32": same["beam"]}
 
 
+def int8_rows(d_model: int, entries: list[Entry], speed: dict[str, float], times: dict[str, list[float]],
+              outputs: dict[str, np.ndarray], new_tokens: int) -> list[dict[str, Any]]:
+    """The torch twin's int8 rows: tokens/s, ratios to CTranslate2 int8 (None without it) and to the float32 torch
+    twin, and the share of tokens (over B x new tokens) equal to the float32 twin's; CTranslate2 int8's share equal to
+    CTranslate2 float32's beside it."""
+    keys = {(e.name, e.mode): key(e) for e in entries}
+    rows = []
+    for e in entries:
+        if e.role != "int8":
+            continue
+        k, f32 = key(e), keys["torch_tx.generate", e.mode]
+        ct2_int8, ct2_f32 = keys.get((CT2_INT8, e.mode)), keys.get((CT2_F32, e.mode))
+        rows.append({"d_model": d_model, "model": e.name, "decoding": e.decoding, "mode": e.mode,
+                     "quantization": e.compute_type, "tokens_per_s": speed[k],
+                     "ms_per_token_step": 1000 * min(times[k]) / new_tokens, "seconds": times[k],
+                     "ratio_to_ct2_int8": speed[k] / speed[ct2_int8] if ct2_int8 else None,
+                     "ratio_to_torch_float32": speed[k] / speed[f32],
+                     "same_tokens_as_torch_float32": float((outputs[k] == outputs[f32]).mean()),
+                     "ct2_int8_same_tokens_as_ct2_float32": (float((outputs[ct2_int8] == outputs[ct2_f32]).mean())
+                                                             if ct2_int8 else None)})
+    return rows
+
+
+def print_int8_table(rows: list[dict[str, Any]]) -> None:
+    def pct(x: float | None) -> str:
+        return f"{x:.1%}" if x is not None else "-"
+
+    headers = ["d_model", "decoding", "tokens/s", "ms/token step", "spread", "vs CT2 int8", "vs torch f32",
+               "tokens = torch f32", "CT2 int8 = CT2 f32"]
+    cells = [[str(r["d_model"]), r["decoding"], f"{r['tokens_per_s']:,.0f}", f"{r['ms_per_token_step']:.2f}",
+              f"{max(r['seconds']) / min(r['seconds']) - 1:.0%}",
+              f"{r['ratio_to_ct2_int8']:.2f}x" if r["ratio_to_ct2_int8"] is not None else "-",
+              f"{r['ratio_to_torch_float32']:.2f}x", pct(r["same_tokens_as_torch_float32"]),
+              pct(r["ct2_int8_same_tokens_as_ct2_float32"])] for r in rows]
+    render_table(f"{TORCH_INT8} (torch_tx.quantize.quantize_dynamic_int8, {rows[0]['quantization']})", headers, cells,
+                 [r["d_model"] for r in rows], left=(1,), min_width=175)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d-model", type=int, nargs="+", default=[256, 512], help="d_model values (default 256 512)")
@@ -307,6 +357,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's own)")
     parser.add_argument("--ct2-threads", type=int, help="CTranslate2 intra_threads (default: torch's thread count)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-int8", dest="int8", action="store_false",
+                        help=f"leave out {TORCH_INT8} (the torch twin's dynamic int8 path)")
     parser.add_argument("--no-peer-fast-path", dest="peer_fast_path", action="store_false",
                         help="leave out the peer with PyTorch's MHA fast path on")
     parser.add_argument("--quick", action="store_true",
@@ -353,12 +405,15 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     agreement: list[dict[str, Any]] = []
     comparisons: list[dict[str, Any]] = []
+    int8: list[dict[str, Any]] = []
     for d_model in args.d_model:
         cfg = config_for(args, d_model)
         with tempfile.TemporaryDirectory(prefix="bench_decode_ct2_") as tmp:
             entries = build_entries(cfg, args, src, Path(tmp) if ctranslate2 is not None else None, ct2_threads)
             times, outputs = measure(entries, args)
         speed = {key(e): tokens / min(times[key(e)]) for e in entries}
+        int8.extend(int8_rows(d_model, entries, speed, times, outputs, args.new_tokens))
+        entries = [e for e in entries if e.role != "int8"]  # timed in the same turns, reported on their own
         peer, peer_fast = f"{PEER} | greedy, prefix recomputed", f"{PEER_FAST} | greedy, prefix recomputed"
         comparison = ct2_comparison(d_model, entries, speed, outputs) if ctranslate2 is not None else None
         for e in entries:
@@ -398,8 +453,10 @@ def run(args: argparse.Namespace) -> int:
         for mode in ("greedy", "beam"):
             print(f"d_model {c['d_model']}: {mode} tokens equal to {CT2_F32}'s: " + ", ".join(
                 f"{name} {share:.1%}" for name, share in c[f"same_{mode}_tokens_as_ct2_float32"].items()))
+    if int8:
+        print_int8_table(int8)
     wall = time.perf_counter() - wall_start
-    print_noisy(rows, lambda r: f"{r['model']} ({r['decoding']}) at d_model {r['d_model']}")
+    print_noisy(rows + int8, lambda r: f"{r['model']} ({r['decoding']}) at d_model {r['d_model']}")
     print_wall(wall, env)
     if args.json:
         ct2_info = ({"version": ctranslate2.__version__, "intra_threads": ct2_threads, "inter_threads": 1,
@@ -408,7 +465,7 @@ def run(args: argparse.Namespace) -> int:
         write_json(args.json, {"settings": settings_of(args), "environment": env, "tokens_per_call": tokens,
                                "forbidden_bias": FORBIDDEN_BIAS, "wall_seconds": wall, "results": rows,
                                "greedy_agreement": agreement, "ctranslate2": ct2_info,
-                               "ctranslate2_comparison": comparisons})
+                               "ctranslate2_comparison": comparisons, "int8": int8})
     return 0
 
 

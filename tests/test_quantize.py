@@ -213,3 +213,18 @@ def test_quantize_is_refused_on_a_ctranslate2_directory(capsys, monkeypatch, tmp
         code, out, err = twin(capsys, monkeypatch, command, str(dst), "--quantize", "int8", *rest)
         assert code == 1 and out == "" and len(err.splitlines()) == 1
         assert "--quantize" in err and "--quantization int8" in err
+
+
+def test_bench_int8_reports_agreement(tmp_path, capsys):
+    """benchmarks/bench_int8.py on the first test sentences: a row per decoder, float32 the reference."""
+    import json
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import bench_int8
+
+    assert bench_int8.main(["--limit", "16", "--torch-threads", "1", "--json", str(tmp_path / "int8.json")]) == 0
+    rows = {r["model"]: r for r in json.loads((tmp_path / "int8.json").read_text())["results"]}
+    assert {"torch float32", "torch int8"} <= set(rows)
+    assert rows["torch float32"]["identical_to_float32"] == 1.0 and rows["torch float32"]["bleu_delta"] == 0.0
+    assert rows["torch int8"]["sentences"] == 16 and rows["torch int8"]["identical_to_float32"] >= 14 / 16
+    assert "torch int8" in capsys.readouterr().out
