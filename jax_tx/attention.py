@@ -30,8 +30,9 @@ def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: 
     if mask is not None:
         weights = jnp.where(mask.any(axis=-1, keepdims=True), weights, 0.0)
     if dropout_rng is not None and dropout_rate > 0.0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)  # [B, H, T, S]
-        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+        from jax_tx.dropout import dropout  # a leaf module; attention imports only initializers at module level
+
+        weights = dropout(weights, dropout_rate, dropout_rng)  # [B, H, T, S]
     return jnp.einsum("bhts,bhsk->bhtk", weights.astype(v.dtype), v)  # [B, H, T, K]
 
 

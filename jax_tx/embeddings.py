@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from jax_tx.dropout import Dropout
 from jax_tx.initializers import embedding_std
 from jax_tx.tracing import tracing
 from parity.numerics import position_table
@@ -76,7 +77,7 @@ class PositionalEncoding(nn.Module):
     pad_id: int = 0
 
     def setup(self):
-        self.drop = nn.Dropout(self.dropout)
+        self.drop = Dropout(self.dropout)
 
     def __call__(self, x: jnp.ndarray, offset: int | jnp.ndarray = 0, deterministic: bool = True,
                  positions: jnp.ndarray | None = None) -> jnp.ndarray:

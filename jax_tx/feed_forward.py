@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jax_tx.dropout import Dropout
 from jax_tx.initializers import linear
 
 ACTIVATIONS = {"relu": nn.relu, "gelu": lambda h: nn.gelu(h, approximate=False), "silu": nn.silu}
@@ -22,7 +23,7 @@ class FeedForward(nn.Module):
     def setup(self):
         self.linear1 = linear(self.d_ff)
         self.linear2 = linear(self.d_model)
-        self.drop = nn.Dropout(self.dropout)
+        self.drop = Dropout(self.dropout)
 
     def __call__(self, x: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
         h = self.linear1(x)  # [B, L, F]

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jax_tx.attention import MultiHeadAttention
+from jax_tx.dropout import Dropout
 from jax_tx.feed_forward import FeedForward
 from parity.config import TransformerConfig
 
@@ -19,7 +20,7 @@ def layer_norm(cfg: TransformerConfig) -> nn.LayerNorm:
 
 
 def residual(x: jnp.ndarray, norm: nn.LayerNorm, sublayer: Callable[[jnp.ndarray], jnp.ndarray],
-             dropout: nn.Dropout, norm_first: bool, deterministic: bool) -> jnp.ndarray:
+             dropout: Dropout, norm_first: bool, deterministic: bool) -> jnp.ndarray:
     """Post-LN: norm(x + dropout(f(x))); pre-LN: x + dropout(f(norm(x)))."""
     if norm_first:
         return x + dropout(sublayer(norm(x)), deterministic=deterministic)
@@ -38,7 +39,7 @@ class EncoderLayer(nn.Module):
         self.self_attn_norm = layer_norm(cfg)
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation_dropout_rate, cfg.activation)
         self.ff_norm = layer_norm(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None, deterministic: bool = True) -> jnp.ndarray:
         det = deterministic
@@ -73,7 +74,7 @@ class DecoderLayer(nn.Module):
             self.cross_attn_norm = layer_norm(cfg)
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation_dropout_rate, cfg.activation)
         self.ff_norm = layer_norm(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def init_cache(self, memory: jnp.ndarray, length: int) -> dict[str, jnp.ndarray]:
         """Cross-attention keys/values of memory (B, S, D), once; empty self-attention slots for `length` positions.
