@@ -309,7 +309,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 BENCHES = {"train": "bench_train.py", "precision": "bench_precision.py", "lengths": "bench_lengths.py",
            "decode": "bench_decode.py", "convert": "bench_convert.py", "scaling": "bench_scaling.py",
-           "hf": "bench_hf.py"}
+           "hf": "bench_hf.py", "int8": "bench_int8.py"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -522,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--hf", action="store_true", help="the twins against transformers' MarianMTModel on one set of "
                    "opus-mt-size weights: decoding (greedy, beam 4) and training-step throughput, twin convert's "
                    "time and peak RSS against from_pretrained + save_pretrained (benchmarks/bench_hf.py)")
+    b.add_argument("--int8", action="store_true", help="int8 decoding against float32 on a trained run: the torch "
+                   "twin's --quantize int8 and CTranslate2 int8, identical sentences, BLEU and exact match "
+                   "(benchmarks/bench_int8.py)")
     b.set_defaults(func=cmd_bench)
     return parser
 
