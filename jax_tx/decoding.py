@@ -208,7 +208,7 @@ def beam_search(model: Transformer, params, memory: jnp.ndarray, src_mask: jnp.n
     hf, ct2, pooled = rule == "hf", rule == "ctranslate2", rule != "twin"
     forbidden = forbidden_ids(model.cfg, bos_id, eos_id)
     cache = model.apply({"params": params}, memory, src_mask, n, method=model.init_cache)
-    cache = _map_cache(cache, lambda x: jnp.repeat(x, k, axis=0), self_only=False)
+    cache = _map_cache(cache, lambda x: jnp.repeat(x, k, axis=0))  # cross: B rows
     dtype = jnp.promote_types(memory.dtype, jnp.float32)
     live_tokens = jnp.full((b, k, n), pad_id, dtype=jnp.int32)  # [B, K, N]
     live_logp = jnp.full((b, k), NEG_INF, dtype=dtype).at[:, 0].set(0.0)  # [B, K]
@@ -242,7 +242,7 @@ def beam_search(model: Transformer, params, memory: jnp.ndarray, src_mask: jnp.n
         live_logp, pick = jax.lax.top_k(jnp.where(ended, NEG_INF, top_logp), k)  # [B, K]
         live_tokens = jnp.take_along_axis(seqs, pick[:, :, None], 1)  # [B, K, N]
         rows = (first_row + jnp.take_along_axis(parent, pick, 1)).reshape(-1)  # [B*K]
-        cache = _map_cache(cache, lambda x: jnp.take(x, rows, axis=0), self_only=True)
+        cache = _map_cache(cache, lambda x: jnp.take(x, rows, axis=0))
         token = jnp.take_along_axis(chosen, pick, 1).reshape(b * k, 1)  # [B*K, 1]
         dead = live_logp[:, 0] <= NEG_INF / 2  # [B]: no possible hypothesis is live (EOS was all that was left)
         if hf:
@@ -340,9 +340,9 @@ def _params(params: Mapping[str, Any]) -> Mapping[str, Any]:
     return params["params"] if isinstance(params, Mapping) and set(params) == {"params"} else params
 
 
-def _map_cache(cache: dict, fn, self_only: bool) -> dict:
-    """Apply fn to the cache's per-sequence arrays: all of them, or (self_only) those a beam reorder changes."""
-    shared = () if self_only else ("cross_k", "cross_v")
-    return {**cache, "tgt_mask": fn(cache["tgt_mask"]), "src_mask": cache["src_mask"] if self_only else
-            fn(cache["src_mask"]), "layers": [{name: fn(x) if name in ("self_k", "self_v") + shared else x
-                                               for name, x in layer.items()} for layer in cache["layers"]]}
+def _map_cache(cache: dict, fn) -> dict:
+    """Apply fn to the self-attention buffers and tgt_mask; the cross-attention keys and values of the B sources
+    (and src_mask) stay as they are, shared by each source's hypotheses (`DecoderLayer`)."""
+    return {**cache, "tgt_mask": fn(cache["tgt_mask"]),
+            "layers": [{name: fn(x) if name in ("self_k", "self_v") else x for name, x in layer.items()}
+                       for layer in cache["layers"]]}

@@ -58,7 +58,9 @@ class DecoderLayer(nn.Module):
     With `cache` (this layer's entry of `Transformer.init_cache`): x holds the T new positions from
     `index` on, self_mask is (B, 1, T, L) over the cache's L slots, memory is unused (its keys and
     values are cached), and the result is (x, cache) with the new keys and values written at
-    index..index+T-1 (a new cache: nothing is mutated).
+    index..index+T-1 (a new cache: nothing is mutated). The cross-attention keys and values may hold B sources
+    for B*G rows of x (G hypotheses of each source, in consecutive rows; cross_mask (B, 1, 1, S)): a source's G
+    rows then attend as one block of G*T queries.
     """
 
     cfg: TransformerConfig
@@ -108,8 +110,14 @@ class DecoderLayer(nn.Module):
         def cross_attention(h: jnp.ndarray) -> jnp.ndarray:
             if cache is None:
                 return self.cross_attn(h, memory, cross_mask, det)  # [B, T, D]
-            q = self.cross_attn.project_q(h)  # [B, H, T, K]
-            return self.cross_attn.attend(q, cache["cross_k"], cache["cross_v"], cross_mask, det)  # [B, T, D]
+            q = self.cross_attn.project_q(h)  # [B*G, H, T, K]
+            groups = q.shape[0] // cache["cross_k"].shape[0]  # G hypotheses per source (beam search), else 1
+            if groups == 1:
+                return self.cross_attn.attend(q, cache["cross_k"], cache["cross_v"], cross_mask, det)  # [B, T, D]
+            _, heads, t, k = q.shape
+            q = q.reshape(-1, groups, heads, t, k).transpose(0, 2, 1, 3, 4).reshape(-1, heads, groups * t, k)  # [B, H, G*T, K]
+            out = self.cross_attn.attend(q, cache["cross_k"], cache["cross_v"], cross_mask, det)  # [B, G*T, D]
+            return out.reshape(h.shape)  # [B*G, T, D]
 
         x = residual(x, self.self_attn_norm, self_attention, self.drop, self.norm_first, det)  # [B, T, D]
         if self.cross_attention:

@@ -320,6 +320,65 @@ def test_beam_search_finds_the_exhaustive_optimum(seed, alpha):
     np.testing.assert_array_equal(tokens_t, tokens_j)
 
 
+def test_top_k_breaks_ties_by_the_lower_index_as_lax_top_k():
+    floor = np.finfo(np.float32).min
+    x = np.array([[0.0, -1.0, 0.0, 2.0, -0.0, floor, floor], [floor, floor, floor, -3.0, floor, -3.0, 5.0]], np.float32)
+    for dtype in (torch.float32, torch.float64):  # the int64-key topk, and the stable sort
+        values, indices = torch_tx.decoding._top_k(torch.from_numpy(x).to(dtype), 5)
+        assert indices.tolist() == [[3, 0, 2, 4, 1], [6, 3, 5, 0, 1]]
+        assert values.tolist() == x[np.arange(2)[:, None], indices.numpy()].tolist()
+    jax_values, jax_indices = jax.lax.top_k(jnp.asarray(x), 5)
+    assert np.asarray(jax_indices).tolist() == [[3, 0, 2, 4, 1], [6, 3, 5, 0, 1]]
+
+
+@given(seed=st.integers(0, 2**31 - 1), k=st.sampled_from([1, 4, 8]))
+@settings(max_examples=30)
+def test_top_k_equals_a_stable_sort_on_tie_heavy_rows(seed, k):
+    rng = np.random.default_rng(seed)
+    levels = np.array([0.0, -0.0, -1.5, 3.0, -1e9, np.finfo(np.float32).min], np.float32)
+    x = torch.from_numpy(rng.choice(levels, size=(3, 40)) + rng.choice([0, 0, 0, 1e-3], size=(3, 40)).astype(np.float32))
+    values, indices = torch_tx.decoding._top_k(x, k)
+    ref_values, ref_indices = x.sort(dim=-1, descending=True, stable=True)
+    assert torch.equal(indices, ref_indices[:, :k]) and torch.equal(values, ref_values[:, :k])
+
+
+@torch.no_grad()
+def test_beams_share_their_sources_cross_attention_cache():
+    """The beam cache keeps B sources' cross keys for B*G rows: the same logits as the keys repeated per row."""
+    cfg = TransformerConfig(11, 13, d_model=8, num_heads=2, num_encoder_layers=1, num_decoder_layers=2, d_ff=16,
+                            dropout=0.0, max_len=10)
+    twins = Twins.random(cfg)
+    src = np.array([[4, 5, 6, 0], [7, 8, 0, 0]])
+    steps = (np.full((6, 1), BOS), np.arange(3, 9)[:, None])  # 3 hypotheses per source
+
+    def repeat_all(cache, repeat):
+        return {**cache, "src_mask": repeat(cache["src_mask"]), "tgt_mask": repeat(cache["tgt_mask"]),
+                "layers": [{name: repeat(x) for name, x in layer.items()} for layer in cache["layers"]]}
+
+    memory = twins.torch.encode(torch.from_numpy(src), torch.from_numpy(src != 0))  # [2, 4, 8]
+    shared = twins.torch.init_cache(memory, torch.from_numpy(src != 0), length=3)
+    repeat_t = lambda x: x.repeat_interleave(3, 0)  # noqa: E731
+    repeated = repeat_all(shared, repeat_t)
+    shared = torch_tx.decoding._map_cache(shared, repeat_t)
+    memory_j = twins.flax.apply({"params": twins.params}, jnp.asarray(src), jnp.asarray(src != 0),
+                                method=jax_tx.Transformer.encode)  # [2, 4, 8]
+    shared_j = twins.flax.apply({"params": twins.params}, memory_j, jnp.asarray(src != 0), 3,
+                                method=jax_tx.Transformer.init_cache)
+    repeat_j = lambda x: jnp.repeat(x, 3, axis=0)  # noqa: E731
+    repeated_j = repeat_all(shared_j, repeat_j)
+    shared_j = jax_tx.decoding._map_cache(shared_j, repeat_j)
+    for step in steps:
+        a, shared = twins.torch.decode(torch.from_numpy(step), None, cache=shared)  # [6, 1, V]
+        b, repeated = twins.torch.decode(torch.from_numpy(step), None, cache=repeated)
+        a_j, shared_j = twins.flax.apply({"params": twins.params}, jnp.asarray(step), None, cache=shared_j,
+                                         method=jax_tx.Transformer.decode)
+        b_j, repeated_j = twins.flax.apply({"params": twins.params}, jnp.asarray(step), None, cache=repeated_j,
+                                           method=jax_tx.Transformer.decode)
+        assert _rel(a, b) <= 1e-12 and _rel(a_j, b_j) <= 1e-12 and _rel(a_j, a) <= 1e-10  # float64
+    assert shared["layers"][0]["cross_k"].shape[0] == shared_j["layers"][0]["cross_k"].shape[0] == 2
+    assert shared["layers"][0]["self_k"].shape[0] == shared_j["layers"][0]["self_k"].shape[0] == 6
+
+
 # --------------------------------------------------------------------------------------------- sampling
 
 def test_filter_logits_by_hand():

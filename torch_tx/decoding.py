@@ -190,7 +190,7 @@ def beam_search(model: Transformer, memory: torch.Tensor, src_mask: torch.Tensor
     device, vocab = memory.device, model.cfg.tgt_vocab_size
     hf, ct2, pooled = rule == "hf", rule == "ctranslate2", rule != "twin"
     forbidden = forbidden_ids(model.cfg, bos_id, eos_id)
-    cache = _map_cache(model.init_cache(memory, src_mask, n), lambda x: x.repeat_interleave(k, 0), self_only=False)
+    cache = _map_cache(model.init_cache(memory, src_mask, n), lambda x: x.repeat_interleave(k, 0))  # cross: B rows
     dtype = torch.promote_types(memory.dtype, torch.float32)
     live_tokens = torch.full((b, k, n), pad_id, dtype=torch.long, device=device)  # [B, K, N]
     live_logp = torch.full((b, k), NEG_INF, dtype=dtype, device=device)  # [B, K]
@@ -221,7 +221,7 @@ def beam_search(model: Transformer, memory: torch.Tensor, src_mask: torch.Tensor
         live_logp, pick = _top_k(torch.where(ended, NEG_INF, top_logp), k)  # [B, K]
         live_tokens = seqs.gather(1, pick[:, :, None].expand(-1, -1, n))  # [B, K, N]
         rows = (first_row + parent.gather(1, pick)).view(-1)  # [B*K]
-        cache = _map_cache(cache, lambda x: x.index_select(0, rows), self_only=True)
+        cache = _reorder_cache(cache, rows)
         token = chosen.gather(1, pick).view(b * k, 1)  # [B*K, 1]
         steps += 1
         dead = live_logp[:, 0] <= NEG_INF / 2  # [B]: no possible hypothesis is live (EOS was all that was left)
@@ -301,14 +301,39 @@ def _sample_loop(decode_step, choose, steps: int, out: torch.Tensor, token: torc
 
 
 def _top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest of x (B, M) and their indices (B, k); ties go to the lower index, as in jax.lax.top_k."""
-    values, indices = x.sort(dim=-1, descending=True, stable=True)  # [B, M]
-    return values[:, :k], indices[:, :k]  # [B, k]
+    """The k largest of x (B, M) and their indices (B, k); ties go to the lower index, as in jax.lax.top_k.
+
+    float32: one torch.topk over int64 keys that order by value, then by lower index (unique, so topk's
+    unspecified tie order never matters); other dtypes: a stable sort, exact and slower."""
+    if x.dtype != torch.float32:
+        values, indices = x.sort(dim=-1, descending=True, stable=True)  # [B, M]
+        return values[:, :k], indices[:, :k]  # [B, k]
+    bits = (x + 0.0).view(torch.int32)  # [B, M]; + 0.0 makes -0.0 +0.0, which sorts as its equal
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()  # [B, M]: integer order = float order
+    rank = torch.arange(x.shape[-1] - 1, -1, -1, device=x.device)  # [M]: the lower index wins a tie
+    indices = (ordered * 2**32 + rank).topk(k, dim=-1).indices  # [B, k]
+    return x.gather(-1, indices), indices  # [B, k]
 
 
-def _map_cache(cache: dict, fn, self_only: bool) -> dict:
-    """Apply fn to the cache's per-sequence tensors: all of them, or (self_only) those a beam reorder changes."""
-    shared = () if self_only else ("cross_k", "cross_v")
-    return {**cache, "tgt_mask": fn(cache["tgt_mask"]), "src_mask": cache["src_mask"] if self_only else
-            fn(cache["src_mask"]), "layers": [{name: fn(x) if name in ("self_k", "self_v") + shared else x
-                                               for name, x in layer.items()} for layer in cache["layers"]]}
+def _reorder_cache(cache: dict, rows: torch.Tensor) -> dict:
+    """The beam reorder: row i of every self-attention buffer and of tgt_mask becomes row rows[i] (B*K,), in place
+    and only over the cache["index"] filled slots (the rest are unread, and rewritten before they are read)."""
+    end = cache["index"]
+
+    def take(x: torch.Tensor, axis: int) -> None:
+        filled = x.narrow(axis, 0, end)  # [B*K, ..., end, ...]
+        filled.copy_(filled.index_select(0, rows))
+
+    take(cache["tgt_mask"], 1)
+    for layer in cache["layers"]:
+        take(layer["self_k"], 2)
+        take(layer["self_v"], 2)
+    return cache
+
+
+def _map_cache(cache: dict, fn) -> dict:
+    """Apply fn to the self-attention buffers and tgt_mask; the cross-attention keys and values of the B sources
+    (and src_mask) stay as they are, shared by each source's hypotheses (`DecoderLayer`)."""
+    return {**cache, "tgt_mask": fn(cache["tgt_mask"]),
+            "layers": [{name: fn(x) if name in ("self_k", "self_v") else x for name, x in layer.items()}
+                       for layer in cache["layers"]]}

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parity.numerics import position_table
+from torch_tx.dropout import Dropout
 from torch_tx.initializers import embedding_std
 
 
@@ -44,7 +45,7 @@ class PositionalEncoding(nn.Module):
         self.max_len = max_len
         self._table64 = position_table(positions, max_len, d_model, pad_id)  # [max_len, D]
         self._cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         key = (device, dtype)

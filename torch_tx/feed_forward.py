@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch_tx.dropout import Dropout
 from torch_tx.initializers import linear
 
 ACTIVATIONS = {"relu": F.relu, "gelu": lambda h: F.gelu(h, approximate="none"), "silu": F.silu}
@@ -20,7 +21,7 @@ class FeedForward(nn.Module):
         self.activation = activation
         self.linear1 = linear(d_model, d_ff)
         self.linear2 = linear(d_ff, d_model)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.linear1(x)  # [B, L, F]

@@ -9,11 +9,12 @@ from torch import nn
 
 from parity.config import TransformerConfig
 from torch_tx.attention import MultiHeadAttention
+from torch_tx.dropout import Dropout
 from torch_tx.feed_forward import FeedForward
 
 
 def residual(x: torch.Tensor, norm: nn.LayerNorm, sublayer: Callable[[torch.Tensor], torch.Tensor],
-             dropout: nn.Dropout, norm_first: bool) -> torch.Tensor:
+             dropout: Dropout, norm_first: bool) -> torch.Tensor:
     """Post-LN: norm(x + dropout(f(x))); pre-LN: x + dropout(f(norm(x)))."""
     if norm_first:
         return x + dropout(sublayer(norm(x)))
@@ -30,7 +31,7 @@ class EncoderLayer(nn.Module):
         self.self_attn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation_dropout_rate, cfg.activation)
         self.ff_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         x = residual(x, self.self_attn_norm, lambda h: self.self_attn(h, h, mask), self.drop,
@@ -47,6 +48,8 @@ class DecoderLayer(nn.Module):
     With `cache` (this layer's entry of `Transformer.init_cache`): x holds the T new positions from
     `index` on, self_mask is (B, 1, T, index + T), memory is unused (its keys and values are cached),
     and the result is (x, cache) with the new keys and values written in place at index..index+T-1.
+    The cross-attention keys and values may hold B sources for B*G rows of x (G hypotheses of each source,
+    in consecutive rows; cross_mask (B, 1, 1, S)): a source's G rows then attend as one block of G*T queries.
     """
 
     def __init__(self, cfg: TransformerConfig, cross_attention: bool = True):
@@ -60,7 +63,7 @@ class DecoderLayer(nn.Module):
             self.cross_attn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation_dropout_rate, cfg.activation)
         self.ff_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def init_cache(self, memory: torch.Tensor, length: int) -> dict[str, torch.Tensor]:
         """Cross-attention keys/values of memory (B, S, D), once; empty self-attention slots for `length` positions.
@@ -89,8 +92,13 @@ class DecoderLayer(nn.Module):
         def cross_attention(h: torch.Tensor) -> torch.Tensor:
             if cache is None:
                 return self.cross_attn(h, memory, cross_mask)  # [B, T, D]
-            q = self.cross_attn.project_q(h)  # [B, H, T, K]
-            return self.cross_attn.attend(q, cache["cross_k"], cache["cross_v"], cross_mask)  # [B, T, D]
+            q = self.cross_attn.project_q(h)  # [B*G, H, T, K]
+            groups = q.shape[0] // cache["cross_k"].shape[0]  # G hypotheses per source (beam search), else 1
+            if groups == 1:
+                return self.cross_attn.attend(q, cache["cross_k"], cache["cross_v"], cross_mask)  # [B, T, D]
+            q = q.unflatten(0, (-1, groups)).transpose(1, 2).flatten(2, 3)  # [B, H, G*T, K]
+            out = self.cross_attn.attend(q, cache["cross_k"], cache["cross_v"], cross_mask)  # [B, G*T, D]
+            return out.reshape(h.shape)  # [B*G, T, D]
 
         x = residual(x, self.self_attn_norm, self_attention, self.drop, self.norm_first)  # [B, T, D]
         if self.cross_attention:

@@ -91,6 +91,8 @@ class Transformer(nn.Module):
         {"index": 0 (positions filled), "tgt_mask": (B, L) bool, "src_mask": (B, S) bool, "layers": one
         {"self_k", "self_v": (B, H, L, K) slots; "cross_k", "cross_v": (B, H, S, K) of memory} per decoder layer}.
         `decode(tgt, None, cache=cache)` writes the buffers in place and returns the cache with the index advanced.
+        A beam search repeats the self-attention slots and tgt_mask per hypothesis (B*G rows) and keeps the cross
+        keys, values and src_mask at B rows, shared by each source's G hypotheses (`DecoderLayer`).
         """
         length = _cache_length(self.cfg, length)
         if memory.dim() != 3 or memory.shape[2] != self.cfg.d_model:

@@ -1,4 +1,5 @@
-"""The JAX twin's dropout from 16-bit draws (issue 21): jax_tx.dropout, which every dropout site of the twin uses."""
+"""Both twins' dropout from 16-bit draws (issue 21): jax_tx.dropout and torch_tx.dropout, which every dropout
+site of each twin uses (the torch twin's attention-weight dropout is SDPA's own)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import pytest
 import flax
 from flax import linen as nn
 
+import torch
+
+import torch_tx.dropout as td
 from jax_tx.dropout import Dropout, dropout, keep_mask
 
 SHAPE = (64, 8, 2048)  # 2**20 draws
@@ -97,3 +101,47 @@ def test_module_mirrors_flax_dropout():
     with pytest.raises(flax.errors.InvalidRngError):
         mod.apply({}, x, deterministic=False)
     np.testing.assert_array_equal(np.asarray(Dropout(0.5, deterministic=True).apply({}, x)), np.asarray(x))
+
+
+# --------------------------------------------------------------------------------------------- torch twin
+
+@pytest.mark.parametrize("rate", [0.1, 0.3, 0.9])
+def test_torch_keep_rate_is_one_minus_rate(rate):
+    """As the JAX test: the kept share within 6 binomial standard deviations of the keep probability, neighbours
+    (quarters of one 64-bit draw) independent, no quarter biased (the seed is fixed)."""
+    p = keep_probability(rate)
+    torch.manual_seed(0)
+    mask = td.keep_mask(rate, SHAPE).numpy()
+    n = mask.size
+    assert abs(mask.mean() - p) <= 6 * math.sqrt(p * (1 - p) / n)
+    for both in (mask[..., 1:] & mask[..., :-1], mask[..., 4:] & mask[..., :-4], mask[1:] & mask[:-1]):
+        assert abs(both.mean() - p * p) <= 6 * math.sqrt(p * p * (1 - p * p) / both.size)
+    lanes = mask.reshape(-1, 4).mean(0)
+    assert np.all(np.abs(lanes - p) <= 6 * math.sqrt(p * (1 - p) / (n / 4)))
+
+
+def test_torch_dropout_scales_as_nn_dropout_and_follows_the_seed():
+    x = torch.randn(32, 301, dtype=torch.float64, requires_grad=True)  # 9,632 entries: not a multiple of 4
+    torch.manual_seed(5)
+    y = td.dropout(x, 0.25)
+    kept = y != 0
+    assert 0.6 < kept.double().mean() < 0.9
+    assert torch.equal(y[kept], (x * (1 / 0.75))[kept])  # nn.Dropout's scale: x * (1 / (1 - p))
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.double() / 0.75)
+    torch.manual_seed(5)
+    assert torch.equal(td.dropout(x, 0.25) != 0, kept)  # the same seed, the same mask
+    assert not torch.equal(td.dropout(x, 0.25) != 0, kept)  # the stream moves on
+
+
+def test_torch_dropout_edges_and_module():
+    x = torch.randn(3, 4)
+    assert td.dropout(x, 0.0) is x
+    assert torch.equal(td.dropout(x, 1.0), torch.zeros(3, 4))
+    assert td.keep_mask(1e-6, (5,)).all()  # keep rounds to 2**16: no draw at all
+    module = td.Dropout(0.5)
+    assert list(module.parameters()) == [] and module.state_dict() == {} and repr(module) == "Dropout(p=0.5)"
+    assert module.eval()(x) is x
+    assert (module.train()(x) == 0).any()
+    with pytest.raises(ValueError, match="dropout probability"):
+        td.Dropout(1.5)
