@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -62,6 +63,25 @@ def test_loss_terms_by_hand():
     assert float(reference) == pytest.approx(expected["loss"], rel=1e-12)
     smoothed = optax.smooth_labels(jnp.eye(3)[1], 0.1)
     assert float(optax.softmax_cross_entropy(jnp.asarray(logits[0, 0]), smoothed)) == pytest.approx(expected["loss"])
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_loss_gradient_is_cross_entropys_and_the_jax_twins(smoothing):
+    """SmoothedLoss's hand-written backward: F.cross_entropy's gradient and jax.grad of the JAX twin's loss, float64."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 5, 7)) * 3  # [B, T, V]
+    labels = rng.integers(1, 7, size=(3, 5))
+    labels[0, :2] = 0  # padding
+    x = torch.tensor(logits, requires_grad=True)
+    tt.loss_terms(x, torch.tensor(labels), 0, smoothing)["loss"].backward()
+    reference = torch.tensor(logits, requires_grad=True)
+    F.cross_entropy(reference.flatten(0, 1), torch.tensor(labels).flatten(), ignore_index=0, label_smoothing=smoothing,
+                    reduction="sum").backward()
+    grad_j = jax.grad(lambda z: jt.loss_terms(z, jnp.asarray(labels), 0, smoothing)["loss"])(jnp.asarray(logits))
+    np.testing.assert_allclose(x.grad.numpy(), reference.grad.numpy(), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(x.grad.numpy(), np.asarray(grad_j), rtol=1e-12, atol=1e-15)
+    assert torch.autograd.gradcheck(lambda z: tt.loss_terms(z, torch.tensor(labels), 0, smoothing)["loss"],
+                                    (torch.tensor(logits, requires_grad=True),))
 
 
 def test_schedule_torch_and_optax_agree():

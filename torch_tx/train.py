@@ -56,15 +56,45 @@ def loss_terms(logits: torch.Tensor, labels: torch.Tensor, pad_id: int, smoothin
     logits (..., V) next-token or class scores, labels (...) their ids (pad_id: skipped; it may be out of
     range, like NO_CLASS). Smoothed loss per label = (1 - smoothing) * nll + smoothing * mean over the
     vocabulary of -log p, as `F.cross_entropy(label_smoothing=...)` and `optax.smooth_labels` define it; computed from
-    logsumexp without materializing log p: -log p_i = lse - logit_i.
+    logsumexp without materializing log p: -log p_i = lse - logit_i. The loss sum's gradient is `SmoothedLoss`'s
+    one pass over the logits.
     """
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits  # [B, T, V]
-    lse = torch.logsumexp(logits, -1)  # [B, T]
     mask = labels != pad_id  # [B, T]
-    nll = lse - logits.gather(-1, torch.where(mask, labels, 0).unsqueeze(-1)).squeeze(-1)  # [B, T]
-    loss = (1.0 - smoothing) * nll + smoothing * (lse - logits.mean(-1))  # [B, T]
-    return {"loss": (loss * mask).sum(), "nll": (nll * mask).sum(),
-            "correct": ((logits.argmax(-1) == labels) & mask).sum(), "tokens": mask.sum()}
+    labels = torch.where(mask, labels, 0)  # [B, T]
+    loss, nll = SmoothedLoss.apply(logits, labels, mask, smoothing)  # scalars
+    return {"loss": loss, "nll": nll, "correct": ((logits.detach().argmax(-1) == labels) & mask).sum(),
+            "tokens": mask.sum()}
+
+
+class SmoothedLoss(torch.autograd.Function):
+    """(logits (..., V), labels (...) in range, mask (...) bool, smoothing) -> the sums over the masked-in labels
+    of the smoothed loss and of the nll (scalars; only the first has a gradient).
+
+    Autograd through logsumexp, gather and mean would make three (..., V) gradients and add them; the backward
+    here writes the one gradient in place: g * mask * (softmax(logits) - (1 - smoothing) onehot - smoothing / V).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+        lse = torch.logsumexp(logits, -1)  # [...]
+        nll = lse - logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # [...]
+        loss = (1.0 - smoothing) * nll + smoothing * (lse - logits.mean(-1))  # [...]
+        ctx.save_for_backward(logits, labels, mask, lse)
+        ctx.smoothing = smoothing
+        ctx.mark_non_differentiable(nll)
+        return (loss * mask).sum(), (nll * mask).sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, grad_nll: torch.Tensor):
+        logits, labels, mask, lse = ctx.saved_tensors
+        grad = (logits - lse.unsqueeze(-1)).exp_()  # [..., V]: softmax
+        if ctx.smoothing:
+            grad.sub_(ctx.smoothing / logits.shape[-1])
+        grad.scatter_add_(-1, labels.unsqueeze(-1), grad.new_full((*labels.shape, 1), ctx.smoothing - 1.0))
+        grad.mul_((grad_loss * mask).unsqueeze(-1))  # [..., V]
+        return grad, None, None, None
 
 
 def global_sums(terms: Mapping[str, torch.Tensor], context: Context | None) -> dict[str, torch.Tensor]:
