@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 PARTS = {
-    "train": ("bench_train", ["--memory", "--compile"], ["--quick", "--memory"]),
+    "train": ("bench_train", ["--memory", "--compile"], ["--quick"]),
     "precision": ("bench_precision", [], ["--quick"]),
     "decode": ("bench_decode", ["--d-model", "512"], ["--quick"]),
     "convert": ("bench_convert", ["--d-model", "512", "--heads", "8", "--d-ff", "2048", "--repeats", "1"],

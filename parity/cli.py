@@ -309,7 +309,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 BENCHES = {"train": "bench_train.py", "precision": "bench_precision.py", "lengths": "bench_lengths.py",
            "decode": "bench_decode.py", "convert": "bench_convert.py", "scaling": "bench_scaling.py",
-           "hf": "bench_hf.py", "int8": "bench_int8.py"}
+           "hf": "bench_hf.py", "int8": "bench_int8.py", "race": "bench_race.py"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -525,6 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--int8", action="store_true", help="int8 decoding against float32 on a trained run: the torch "
                    "twin's --quantize int8 and CTranslate2 int8, identical sentences, BLEU and exact match "
                    "(benchmarks/bench_int8.py)")
+    b.add_argument("--race", action="store_true", help="issue 21's table in one run: decoding against CTranslate2 "
+                   "and transformers, training steps against MarianMTModel, torch.nn.Transformer and flax, and "
+                   "make demo's time to its exact match (benchmarks/bench_race.py)")
     b.set_defaults(func=cmd_bench)
     return parser
 

@@ -96,11 +96,19 @@ def test_twin_bench_quick_writes_one_report(tmp_path, capsys):
     ceiling = data["matmul_ceiling_gflops"]
     assert ceiling["machine"] == max(ceiling["torch"], ceiling["jax"]) > 0
     assert all(0 < r["ceiling_fraction"] == r["gflops_per_s"] / ceiling["machine"] for r in rows)
-    assert all(r["peak_memory"]["model_bytes"] > 0 for r in rows)
+    assert all("peak_memory" not in r for r in rows)  # --quick: no fresh process per model
     report = (tmp_path / "report.md").read_text()
     assert "| d_model | model | tokens/s | vs peer | model GFLOP/s | of ceiling | peak MB |" in report
     assert report.count("\n| 128 |") == len(rows)
     assert "twin/peer" in capsys.readouterr().out
+
+
+def test_peak_memory_of_one_model_training_alone_in_a_fresh_process():
+    import bench_train
+
+    args = bench_train.parse_args(["--quick"])
+    peak = bench_train.peak_memory(args, 128, "torch_tx.Transformer")
+    assert peak["model_bytes"] > 0 and peak["peak_rss_bytes"] == peak["before_model_rss_bytes"] + peak["model_bytes"]
 
 
 def test_twin_bench_rejects_two_benchmarks(capsys):
@@ -110,3 +118,31 @@ def test_twin_bench_rejects_two_benchmarks(capsys):
         assert "choose one of --train, --decode" in str(e)
     else:
         raise AssertionError("twin bench --train --decode ran")
+
+
+def test_bench_race_runs_make_demos_settings_and_reads_every_row():
+    """bench_race's demo is the Makefile's `make demo` (its DEMO_ARGS and `--data builtin --config small`), and its
+    table has one row per figure of issue 21, met or not by the goal's direction."""
+    import bench_race
+
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    demo_args = next(line.split("?=", 1)[1].split() for line in makefile.splitlines() if line.startswith("DEMO_ARGS"))
+    demo_line = next(line for line in makefile.splitlines() if "twin train" in line)
+    assert list(bench_race.DEMO_ARGS) == ["--data", "builtin", "--config", "small", *demo_args]
+    assert "--data builtin --config small $(DEMO_ARGS)" in demo_line
+    decode = {"results": [{"d_model": 512, "model": m, "mode": mode, "ratio_to_ct2_float32": r, "tokens_per_s": 1.0}
+                          for m, mode, r in (("jax_tx.generate", "greedy", 1.9), ("jax_tx.generate", "beam", 1.1),
+                                             ("torch_tx.generate", "greedy", 1.3), ("torch_tx.generate", "beam", 1.0))],
+              "int8": [{"d_model": 512, "mode": "greedy", "ratio_to_ct2_int8": 1.01, "tokens_per_s": 1.0,
+                        "same_tokens_as_torch_float32": 0.9, "ct2_int8_same_tokens_as_ct2_float32": 0.9}]}
+    hf = {"decoding": {"rows": [{"role": "twin", "model": "torch_tx.generate", "decoding": "greedy", "ratio": 1.2,
+                                 "tokens_per_s": 1.0, "same_tokens_as_hf": 1.0}]},
+          "training": {"rows": [{"role": "twin", "model": "torch_tx trainer", "ratio": 1.3, "tokens_per_s": 1.0}]}}
+    train = {"settings": {"vocab": 8000}, "results": [{"d_model": 256, "model": "jax_tx trainer", "ratio": 1.1,
+                                                       "tokens_per_s": 1.0}]}
+    demo = [{"framework": "torch", "wall_seconds": 190.0, "exact_match": 0.985},
+            {"framework": "jax", "wall_seconds": 190.0, "exact_match": 0.97}]
+    rows = bench_race.table({"decode": decode, "hf": hf, "train": train, "demo": demo})
+    assert [r["met"] for r in rows] == [True, False, True, False, True, False, True, False]
+    assert "| torch_tx int8 greedy / CTranslate2 int8 greedy (d_model 512) | 1.01x | >= 1.0x | yes |" in \
+        bench_race.render(rows, "header")
