@@ -300,3 +300,27 @@ def test_model_config_presets_and_files(tmp_path):
     (tmp_path / "heads.json").write_text(json.dumps({"d_model": 64, "num_heads": 5}))
     with pytest.raises(TrainError, match=r"d_model \(64\) must be divisible by num_heads \(5\)"):
         model_config(str(tmp_path / "heads.json"), 50)
+
+
+def test_torch_trainer_checks_a_batchs_ids_once_on_the_host():
+    """The trainer range-checks each batch's ids before the step (one line naming the range; no update made), and
+    the step itself runs in `ids_checked`, where the embeddings read no min/max back from the device."""
+    from parity.batching import Batch
+    from parity.config import TransformerConfig
+    from torch_tx.embeddings import TokenEmbedding, ids_checked
+
+    cfg = TransformerConfig(src_vocab_size=11, tgt_vocab_size=13, d_model=8, num_heads=2, num_encoder_layers=1,
+                            num_decoder_layers=1, d_ff=16, max_len=16)
+    trainer = tt.Trainer(cfg, TrainConfig(seed=0))
+    before = {k: v.copy() for k, v in trainer.weights().items()}
+    good = Batch(np.array([[3, 4, 0]], np.int32), np.array([[1, 5, 6]], np.int32), np.array([[5, 6, 2]], np.int32))
+    bad = Batch(np.array([[3, 11, 0]], np.int32), good.tgt_in, good.labels)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 11\), got values in \[0, 11\]"):
+        trainer.train_step(bad)
+    assert all(np.array_equal(v, before[k]) for k, v in trainer.weights().items())
+    assert float(trainer.train_step(good)["tokens"]) == 3
+    embed = TokenEmbedding(5, 4)
+    with pytest.raises(ValueError, match="token ids must be in"):
+        embed(torch.tensor([[5]]))
+    with ids_checked(), pytest.raises(IndexError):  # unchecked: the lookup's own bounds check is what is left
+        embed(torch.tensor([[5]]))

@@ -14,6 +14,7 @@ import math
 import torch
 
 from parity.decoding import NEG_INF, check_generate_args, check_prompt, forbidden_ids, length_penalty
+from torch_tx.embeddings import ids_checked
 from torch_tx.masks import padding_mask
 from torch_tx.model import DecoderOnly, Transformer
 
@@ -205,7 +206,8 @@ def beam_search(model: Transformer, memory: torch.Tensor, src_mask: torch.Tensor
     count = torch.zeros(b, dtype=torch.long, device=device)  # [B]: hypotheses that joined the pool ("ctranslate2")
     steps, finished = 0, False
     while steps < n and not finished:
-        logits, cache = model.decode(token, None, tgt_mask=fed, cache=cache)  # [B*K, 1, V]
+        with ids_checked():  # the tokens fed back are the search's own
+            logits, cache = model.decode(token, None, tgt_mask=fed, cache=cache)  # [B*K, 1, V]
         logp = forbid(torch.log_softmax(_at_least_float32(logits[:, -1]), -1), forbidden)  # [B*K, V]
         logp = force_eos(logp, eos_id, forced_eos and steps == n - 1).view(b, k, vocab)  # [B, K, V]
         top_logp, top_index = _top_k((live_logp[:, :, None] + logp).view(b, k * vocab), 2 * k)  # [B, 2K]
@@ -294,7 +296,8 @@ def _sample_loop(decode_step, choose, steps: int, out: torch.Tensor, token: torc
     """From column `steps` on: decode_step(token (B, 1), cache, steps) -> (logits (B, V), cache), pick the next
     column, until max_new_tokens columns or every row has finished -> out[:, :n] (B, n)."""
     while steps < max_new_tokens and not bool(done.all()):
-        logits, cache = decode_step(token, cache, steps)  # [B, V]
+        with ids_checked():  # the tokens fed back are the search's own
+            logits, cache = decode_step(token, cache, steps)  # [B, V]
         out, token, done = _pick(choose, logits, steps, out, done, eos_id=eos_id, pad_id=pad_id)  # token [B, 1]
         steps += 1
     return out[:, :steps]  # [B, n]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import torch
@@ -72,13 +74,29 @@ def check_positions(positions: torch.Tensor, expected: tuple[int, ...], max_len:
     check_index_range(positions, max_len, "positions", f"max_len={max_len}")
 
 
+_IDS_CHECKED = contextvars.ContextVar("ids_checked", default=False)
+
+
+@contextlib.contextmanager
+def ids_checked():
+    """Within it, the ids and positions the embeddings look up were range-checked already (the trainer checks each
+    batch once on the host; decoding feeds back tokens it chose): no lookup reads min/max back from the device,
+    which on a GPU is a device-to-host synchronisation per call."""
+    token = _IDS_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _IDS_CHECKED.reset(token)
+
+
 def check_index_range(values: torch.Tensor, size: int, what: str, bound: str) -> None:
     """TypeError unless `values` are integers; ValueError when they fall outside [0, size) (`bound` is how
     the message writes size). Under torch.compile the range is left to the compiled lookup's own bounds
-    check (reading min/max on the host would split the graph at every call)."""
+    check (reading min/max on the host would split the graph at every call), and within `ids_checked` to the
+    caller's check."""
     if values.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"{what} must be an integer tensor, got {values.dtype}")
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _IDS_CHECKED.get():
         return
     if values.numel() and (int(values.min()) < 0 or int(values.max()) >= size):
         raise ValueError(f"{what} must be in [0, {bound}), got values in [{int(values.min())}, {int(values.max())}]")

@@ -31,6 +31,7 @@ from parity.convert import to_numpy, to_torch
 from parity.train import TrainConfig, TrainState, learning_rate
 from torch_tx.decoding import generate
 from torch_tx.distributed import Context, laid_out_like, whole
+from torch_tx.embeddings import ids_checked
 from torch_tx.model import model_for
 
 SUMS = ("loss", "nll", "correct", "tokens")
@@ -200,6 +201,18 @@ def eval_step(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], *, cfg:
     return global_sums(terms, context)
 
 
+def check_ids(arrays: Mapping[str, np.ndarray], cfg: TransformerConfig) -> None:
+    """The embeddings' range checks of a batch's ids and positions (`check_index_range`'s messages), on the host."""
+    bounds = {"src": (cfg.src_vocab_size, "token ids", str(cfg.src_vocab_size)),
+              "tgt_in": (cfg.tgt_vocab_size, "token ids", str(cfg.tgt_vocab_size)),
+              "src_positions": (cfg.max_len, "positions", f"max_len={cfg.max_len}"),
+              "tgt_positions": (cfg.max_len, "positions", f"max_len={cfg.max_len}")}
+    for name, (size, what, bound) in bounds.items():
+        values = arrays.get(name)
+        if values is not None and values.size and (values.min() < 0 or values.max() >= size):
+            raise ValueError(f"{what} must be in [0, {bound}), got values in [{values.min()}, {values.max()}]")
+
+
 def process_seed(seed: int, rank: int, step: int) -> int:
     """The dropout seed of process `rank` of a distributed run from update `step` on: its own stream, so that
     the processes draw different masks."""
@@ -243,7 +256,9 @@ class Trainer:
         self._replica: torch.nn.Module | None = None
 
     def _tensors(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """The arrays of `batch` as tensors on the device; with a context, this process's share of its rows."""
+        """The arrays of `batch` as tensors on the device; with a context, this process's share of its rows. Their
+        ids and positions are range-checked here, on the host, so that the step runs in `ids_checked`."""
+        check_ids(batch.arrays(), self.cfg)
         if self.context is not None:
             batch = batch.pad_rows(self.context.devices).part(self.context.rank, self.context.devices)
         return {name: torch.from_numpy(array).to(self.device, torch.long) for name, array in batch.arrays().items()}
@@ -265,14 +280,18 @@ class Trainer:
         """One update of the global `batch`; the metrics are scalar tensors (`float()` them when needed), global
         sums on every process."""
         self._replica = None
-        terms = train_step(self.step_model, self.optimizer, self.schedule, self._tensors(batch), cfg=self.cfg,
-                           tcfg=self.tcfg, context=self.context, compute_dtype=self.precision.compute_dtype)
+        tensors = self._tensors(batch)
+        with ids_checked():
+            terms = train_step(self.step_model, self.optimizer, self.schedule, tensors, cfg=self.cfg,
+                               tcfg=self.tcfg, context=self.context, compute_dtype=self.precision.compute_dtype)
         return {k: v.detach() for k, v in terms.items()}
 
     def eval_step(self, batch: Batch) -> dict[str, float]:
         """Loss sums of the global `batch` (every process gets them)."""
-        terms = eval_step(self.model, self._tensors(batch), cfg=self.cfg, tcfg=self.tcfg, context=self.context,
-                          compute_dtype=self.precision.compute_dtype)
+        tensors = self._tensors(batch)
+        with ids_checked():
+            terms = eval_step(self.model, tensors, cfg=self.cfg, tcfg=self.tcfg, context=self.context,
+                              compute_dtype=self.precision.compute_dtype)
         return {k: float(v) for k, v in terms.items()}
 
     def greedy(self, src: np.ndarray, *, max_new_tokens: int, bos_id: int, eos_id: int) -> np.ndarray:
