@@ -11,7 +11,7 @@ into `--out`), then prints and writes (`race.md`, `race.json`) one table: figure
   512, 6+6 layers, vocab 8,000; dropout 0.1 on the embeddings and residuals in all three, as Marian places it);
 - train (bench_train.py --d-model 256 --vocab 8000): the training steps of each twin and `twin train` trainer
   against torch.nn.Transformer and a model of flax.linen's own layers (2+2 layers, batches of 128 x 32);
-- demo: `make demo`'s `twin train` (DEMO_ARGS, both frameworks), each in a fresh process, timed from start to
+- demo: `make demo`'s `twin train` (`make demo-args`, both frameworks), each in a fresh process, timed from start to
   its test exact match (training, validation, checkpoints and the translation of the 2,000 test sentences).
 
     .venv/bin/twin bench --race                  # about 25 minutes on 2 cores
@@ -35,7 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-DEMO_ARGS = ("--data", "builtin", "--config", "small", "--pack", "--steps", "500", "--warmup", "100")  # the Makefile's
 DEMO_QUICK = ("--data", "builtin", "--config", "tiny", "--steps", "5", "--test-limit", "20")
 DEMO_BEFORE_S = 410.0  # the demo before issue 21's packing, torch, this README's machine ("make demo's defaults")
 PARTS = {
@@ -56,12 +55,20 @@ def run_part(name: str, out: Path, quick: bool) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def demo_args(framework: str) -> list[str]:
+    """`make demo`'s `twin train` arguments for `framework` on this machine (the Makefile's `make demo-args`)."""
+    done = subprocess.run(["make", "--no-print-directory", "-s", "demo-args", f"DEMO_FRAMEWORK={framework}"],
+                          cwd=ROOT, capture_output=True, text=True, check=True)
+    return done.stdout.split()
+
+
 def run_demo(framework: str, quick: bool) -> dict[str, Any]:
-    """`twin train --framework F DEMO_ARGS` in a fresh process: wall seconds and the test exact match."""
+    """`twin train --framework F` with `make demo`'s arguments in a fresh process: wall seconds and the test exact
+    match."""
+    args = list(DEMO_QUICK) if quick else demo_args(framework)
     with tempfile.TemporaryDirectory(prefix="race-demo-") as tmp:
         out = Path(tmp) / "demo"
-        command = [sys.executable, "-m", "parity.cli", "train", "--framework", framework,
-                   *(DEMO_QUICK if quick else DEMO_ARGS), "--out", str(out)]
+        command = [sys.executable, "-m", "parity.cli", "train", "--framework", framework, *args, "--out", str(out)]
         print(f"\n## demo ({framework}): {' '.join(command[3:])}\n", flush=True)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         start = time.perf_counter()
@@ -72,7 +79,7 @@ def run_demo(framework: str, quick: bool) -> dict[str, Any]:
             raise SystemExit(f"twin bench --race: the {framework} demo failed (exit status {done.returncode})")
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
         test = [r for r in records if "exact_match" in r][-1]
-    return {"framework": framework, "args": list(DEMO_QUICK if quick else DEMO_ARGS), "wall_seconds": wall,
+    return {"framework": framework, "args": args, "wall_seconds": wall,
             "exact_match": test["exact_match"], "sentences": test.get("sentences")}
 
 

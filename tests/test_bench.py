@@ -120,16 +120,19 @@ def test_twin_bench_rejects_two_benchmarks(capsys):
         raise AssertionError("twin bench --train --decode ran")
 
 
+def bench_race_bf16_cpu() -> bool:
+    return "avx512_bf16" in Path("/proc/cpuinfo").read_text().split()
+
+
 def test_bench_race_runs_make_demos_settings_and_reads_every_row():
-    """bench_race's demo is the Makefile's `make demo` (its DEMO_ARGS and `--data builtin --config small`), and its
-    table has one row per figure of issue 21, met or not by the goal's direction."""
+    """bench_race's demo runs `make demo-args` (bfloat16 only for torch on a CPU with AVX512-BF16), and its table has
+    one row per figure of issue 21, met or not by the goal's direction."""
     import bench_race
 
-    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
-    demo_args = next(line.split("?=", 1)[1].split() for line in makefile.splitlines() if line.startswith("DEMO_ARGS"))
-    demo_line = next(line for line in makefile.splitlines() if "twin train" in line)
-    assert list(bench_race.DEMO_ARGS) == ["--data", "builtin", "--config", "small", *demo_args]
-    assert "--data builtin --config small $(DEMO_ARGS)" in demo_line
+    for framework in ("torch", "jax"):
+        args = bench_race.demo_args(framework)
+        assert args[:6] == ["--data", "builtin", "--config", "small", "--pack", "--warmup"]
+        assert ("--dtype" in args) == (framework == "torch" and bench_race_bf16_cpu())
     decode = {"results": [{"d_model": 512, "model": m, "mode": mode, "ratio_to_ct2_float32": r, "tokens_per_s": 1.0}
                           for m, mode, r in (("jax_tx.generate", "greedy", 1.9), ("jax_tx.generate", "beam", 1.1),
                                              ("torch_tx.generate", "greedy", 1.3), ("torch_tx.generate", "beam", 1.0))],
