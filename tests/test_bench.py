@@ -143,8 +143,8 @@ def test_bench_race_runs_make_demos_settings_and_reads_every_row():
           "training": {"rows": [{"role": "twin", "model": "torch_tx trainer", "ratio": 1.3, "tokens_per_s": 1.0}]}}
     train = {"settings": {"vocab": 8000}, "results": [{"d_model": 256, "model": "jax_tx trainer", "ratio": 1.1,
                                                        "tokens_per_s": 1.0}]}
-    demo = [{"framework": "torch", "wall_seconds": 190.0, "exact_match": 0.985},
-            {"framework": "jax", "wall_seconds": 190.0, "exact_match": 0.97}]
+    demo = [{"framework": "torch", "wall_seconds": 190.0, "exact_match": 0.985, "args": ["--pack"]},
+            {"framework": "jax", "wall_seconds": 190.0, "exact_match": 0.97, "args": ["--pack"]}]
     rows = bench_race.table({"decode": decode, "hf": hf, "train": train, "demo": demo})
     assert [r["met"] for r in rows] == [True, False, True, False, True, False, True, False]
     assert "| torch_tx int8 greedy / CTranslate2 int8 greedy (d_model 512) | 1.01x | >= 1.0x | yes |" in \
