@@ -21,7 +21,6 @@ into `--out`), then prints and writes (`race.md`, `race.json`) one table: figure
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import subprocess
@@ -29,11 +28,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_report import run_part  # noqa: E402
 
 DEMO_QUICK = ("--data", "builtin", "--config", "tiny", "--steps", "5", "--test-limit", "20")
 DEMO_BEFORE_S = {"torch": 410.0, "jax": 460.0}  # the demo before packing (bucketed, 1,200 steps), README's machine
@@ -42,17 +43,6 @@ PARTS = {
     "hf": ("bench_hf", ["--only", "decode", "train"], ["--quick", "--only", "decode", "train"]),
     "train": ("bench_train", ["--d-model", "256", "--vocab", "8000", "--repeats", "3"], ["--quick", "--vocab", "500"]),
 }
-
-
-def run_part(name: str, out: Path, quick: bool) -> dict[str, Any]:
-    """Run one benchmark's main() with the race's settings; return its JSON."""
-    module, full, smoke = PARTS[name]
-    path = out / f"race_{name}.json"
-    print(f"\n## {name}: benchmarks/{module}.py {' '.join(smoke if quick else full)}\n", flush=True)
-    status = importlib.import_module(module).main([*(smoke if quick else full), "--json", str(path)])
-    if status:
-        raise SystemExit(f"twin bench --race: benchmarks/{module}.py failed (exit status {status})")
-    return json.loads(path.read_text())
 
 
 def demo_args(framework: str) -> list[str]:
@@ -169,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     load = os.getloadavg()[0]
-    results: dict[str, Any] = {name: run_part(name, args.out, args.quick) for name in PARTS if name in args.parts}
+    results: dict[str, Any] = {name: run_part(name, args.out, args.quick, PARTS, "race_")
+                               for name in PARTS if name in args.parts}
     if "demo" in args.parts:
         results["demo"] = [run_demo(framework, args.quick) for framework in ("torch", "jax")]
     rows = table(results)

@@ -47,10 +47,12 @@ PARTS = {
 }
 
 
-def run_part(name: str, out: Path, quick: bool) -> dict[str, Any]:
-    """Run one benchmark's main() with its report settings; return its JSON."""
-    module, full, smoke = PARTS[name]
-    path = out / f"{name}.json"
+def run_part(name: str, out: Path, quick: bool, parts: dict[str, tuple[str, list[str], list[str]]] = PARTS,
+             prefix: str = "") -> dict[str, Any]:
+    """Run one benchmark's main() with its settings in `parts` (module, full arguments, smoke arguments), writing
+    out/{prefix}{name}.json; return that JSON."""
+    module, full, smoke = parts[name]
+    path = out / f"{prefix}{name}.json"
     print(f"\n## {name}: benchmarks/{module}.py {' '.join(smoke if quick else full)}\n", flush=True)
     status = importlib.import_module(module).main([*(smoke if quick else full), "--json", str(path)])
     if status:

@@ -257,10 +257,10 @@ def check_quantize(quantize: str | None, framework: str, device: str, run_dir: s
 class Translator:
     """A trained model, its tokenizer and one framework's `generate`."""
 
-    quantize: str | None = None  # "int8": the torch twin's dynamic int8 path (Translator.load(quantize=...))
-
-    def __init__(self, cfg: TransformerConfig, tokenizer: Tokenizer, backend, framework: str) -> None:
+    def __init__(self, cfg: TransformerConfig, tokenizer: Tokenizer, backend, framework: str,
+                 quantize: str | None = None) -> None:
         self.cfg, self.tokenizer, self.backend, self.framework = cfg, tokenizer, backend, framework
+        self.quantize = quantize  # "int8": the torch twin's dynamic int8 path (torch_tx.quantize)
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike, framework: str | None = None, device: str = "cpu",
@@ -287,13 +287,9 @@ class Translator:
         if cfg.arch != "seq2seq":
             raise TranslateError(f"{run_dir}: a {cfg.arch}-only model (arch {cfg.arch!r}); twin translate and twin eval "
                                  "need a seq2seq run (the run's test scores are in its metrics.jsonl)")
-        if framework == "torch":
-            backend = _TorchBackend(cfg, weights, device, quantize)
-        else:
-            backend = _JaxBackend(cfg, weights, device)
-        translator = cls(cfg, tokenizer, backend, framework)
-        translator.quantize = quantize
-        return translator
+        backend = (_TorchBackend(cfg, weights, device, quantize) if framework == "torch"
+                   else _JaxBackend(cfg, weights, device))
+        return cls(cfg, tokenizer, backend, framework, quantize)
 
     def encode(self, texts: Sequence[str], names: Sequence[str] | None = None, *,
                strict: bool = True) -> list[np.ndarray | None]:

@@ -4,7 +4,6 @@ refused dtypes, and `twin translate/eval --quantize int8` (refused on JAX and on
 
 from __future__ import annotations
 
-import io
 import sys
 from pathlib import Path
 
@@ -14,8 +13,8 @@ import torch
 from torch import nn
 
 import torch_tx
+from cli_helpers import twin
 from parity.checkpoint import load_model_dir
-from parity.cli import main
 from parity.config import TransformerConfig
 from parity.convert import to_torch
 from torch_tx.decoding import cross_attention_weights
@@ -164,18 +163,6 @@ def test_other_dtypes_are_refused(dtype):
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
-
-def twin(capsys, monkeypatch, *args: str, stdin: str | None = None) -> tuple[int, str, str]:
-    """`twin ARGS` in this process: (exit status, stdout, stderr)."""
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    try:
-        code = main(list(args))
-    except SystemExit as e:  # argparse
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
 
 def test_translate_and_eval_quantize_int8(capsys, monkeypatch, tmp_path):
     code, ref, err = twin(capsys, monkeypatch, "translate", str(TINY_RUN), *SOURCES)

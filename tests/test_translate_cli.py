@@ -3,7 +3,6 @@ JAX, attention plots, scores, and every kind of bad input (one line on stderr, e
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -15,8 +14,8 @@ import numpy as np
 import pytest
 
 from parity.checkpoint import load_config, save_checkpoint
-from parity.cli import main
 from parity.translate import Translator
+from cli_helpers import twin
 from strategies import random_weights
 
 TINY_RUN = Path(__file__).resolve().parent / "data" / "tiny_run"
@@ -40,18 +39,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 def run_dir() -> Path:
     """The shipped tiny run (scripts/make_test_run.py): 98.8% exact match, so translations are meaningful."""
     return TINY_RUN
-
-
-def twin(capsys, monkeypatch, *args: str, stdin: str | None = None) -> tuple[int, str, str]:
-    """`twin ARGS` in this process: (exit status, stdout, stderr)."""
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    try:
-        code = main(list(args))
-    except SystemExit as e:  # argparse
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_arguments_stdin_order_and_batching_agree(run_dir, capsys, monkeypatch):
